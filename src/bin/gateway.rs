@@ -1,0 +1,5 @@
+//! `gateway`: not implemented yet (see README, "Status").
+fn main() {
+    eprintln!("gateway: not implemented yet");
+    std::process::exit(2);
+}
