@@ -1,4 +1,22 @@
-//! IoT sensor gateway: sensor readings over MQTT (or simulated) are validated,
-//! keyed by device and produced to Kafka; an aggregator consumes them.
+//! IoT sensor gateway library. Data flows:
 //!
-//! Modules arrive with their features; see README.md for what works today.
+//! ```text
+//! gateway::mqtt / gateway::simulated (fleet)      sources -> SourceEvent
+//!   -> reading::parse                              raw payload -> Reading | Rejection
+//!   -> gateway (pipeline)                          canonical JSON, keyed by device
+//!   -> gateway::kafka                              idempotent producer, delivery reports
+//!   -> gateway::acks                               PUBACK the contiguous delivered prefix
+//! ```
+//!
+//! - [`reading`]: validation and the canonical record (pure).
+//! - [`fleet`]: the sensor fleet generator, shared with the `simulator` binary.
+//! - [`config`]: typed config, file + environment, validated without I/O.
+//! - [`telemetry`], [`http`]: logs, metrics encoding, the `/metrics` `/healthz` `/readyz` server.
+
+pub mod config;
+pub mod fleet;
+pub mod gateway;
+pub mod http;
+pub mod reading;
+pub mod shutdown;
+pub mod telemetry;

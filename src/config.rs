@@ -1,0 +1,629 @@
+//! Typed configuration: a TOML file layered with environment overrides
+//! (`GATEWAY__SECTION__KEY`, `AGGREGATOR__SECTION__KEY`), then validated without
+//! I/O. Unknown keys are errors, and every error names the key and the file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::reading::Limits;
+
+/// A configuration problem, naming the file (or environment) and the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {message}")]
+pub struct ConfigError {
+    /// The file, or "environment".
+    pub origin: String,
+    pub message: String,
+}
+
+/// Loads `path` (optional when `None`) plus environment variables with `prefix`
+/// (`PREFIX__SECTION__KEY`), and deserializes into `T`.
+pub fn load<T: DeserializeOwned>(
+    path: Option<&Path>,
+    prefix: &str,
+    list_keys: &[&str],
+) -> Result<T, ConfigError> {
+    let origin = path
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "built-in defaults".into());
+    let err = |message: String| ConfigError {
+        origin: origin.clone(),
+        message,
+    };
+    let mut builder = config::Config::builder();
+    if let Some(p) = path {
+        if !p.exists() {
+            return Err(err("file not found".into()));
+        }
+        builder = builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
+    }
+    let mut env = config::Environment::with_prefix(prefix)
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true);
+    if !list_keys.is_empty() {
+        env = env.list_separator(",");
+        for k in list_keys {
+            env = env.with_list_parse_key(k);
+        }
+    }
+    let cfg = builder
+        .add_source(env)
+        .build()
+        .map_err(|e| err(describe_config_error(&e, prefix)))?;
+    cfg.try_deserialize::<T>()
+        .map_err(|e| err(describe_config_error(&e, prefix)))
+}
+
+fn describe_config_error(e: &config::ConfigError, prefix: &str) -> String {
+    let text = e.to_string();
+    // The config crate reports unknown keys without saying that an environment
+    // variable may be the culprit; say where else to look.
+    if text.contains("unknown field") {
+        format!("{text} (check the file and any {prefix}__* environment variables)")
+    } else {
+        text
+    }
+}
+
+fn invalid(origin: &Path, key: &str, why: impl std::fmt::Display) -> ConfigError {
+    ConfigError {
+        origin: origin.display().to_string(),
+        message: format!("invalid value for `{key}`: {why}"),
+    }
+}
+
+/// Parses `mqtt://host:port` (or `tcp://`); the port defaults to 1883.
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
+    let rest = if let Some(r) = url.strip_prefix("mqtt://") {
+        r
+    } else if let Some(r) = url.strip_prefix("tcp://") {
+        r
+    } else if url.starts_with("mqtts://") || url.starts_with("ssl://") {
+        return Err("TLS (mqtts://) is not built into this gateway; terminate TLS in the broker or a sidecar".into());
+    } else {
+        return Err(format!("{url:?} is not an mqtt://host:port URL"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("port {p:?} in {url:?} is not a number"))?,
+        ),
+        None => (rest, 1883),
+    };
+    if host.is_empty() || host.contains('/') {
+        return Err(format!("{url:?} has no valid host"));
+    }
+    Ok((host.trim_matches(['[', ']']).to_string(), port))
+}
+
+// ------------------------------------------------------------------ gateway
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    pub mqtt: MqttConfig,
+    pub simulate: SimulateConfig,
+    pub kafka: KafkaConfig,
+    pub validation: Limits,
+    pub http: HttpConfig,
+    pub log: LogConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MqttVersion {
+    #[serde(rename = "3.1.1")]
+    V311,
+    #[serde(rename = "5")]
+    V5,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Off when only the simulated source is wanted.
+    pub enabled: bool,
+    /// `mqtt://host:port`.
+    pub url: String,
+    /// Fixed id: the broker keeps the session (and unacked messages) under it.
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Topic filters; the device id is taken from the first `+` segment.
+    pub topics: Vec<String>,
+    /// Topic segment (0-based) holding the device id; default: the `+` position.
+    pub device_id_segment: Option<usize>,
+    pub version: MqttVersion,
+    pub keep_alive_secs: u64,
+    /// false = persistent session, so unacknowledged messages are redelivered.
+    pub clean_session: bool,
+    /// MQTT 5 session expiry (how long the broker keeps the session offline).
+    pub session_expiry_secs: u32,
+    /// MQTT 5 Receive Maximum: unacknowledged messages the broker may send us.
+    pub receive_maximum: u16,
+    /// Largest MQTT packet accepted from the broker; larger payloads than the
+    /// validation limit must still arrive here to be dead-lettered with a reason.
+    pub max_packet_bytes: usize,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            enabled: true,
+            url: "mqtt://127.0.0.1:1883".into(),
+            client_id: "iot-gateway".into(),
+            username: None,
+            password: None,
+            topics: vec!["sensors/+/telemetry".into()],
+            device_id_segment: None,
+            version: MqttVersion::V311,
+            keep_alive_secs: 30,
+            clean_session: false,
+            session_expiry_secs: 86_400,
+            receive_maximum: 1000,
+            max_packet_bytes: 4 * 1024 * 1024,
+            reconnect_min_ms: 200,
+            reconnect_max_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimulateConfig {
+    /// Simulated devices fed in process (0 = off).
+    pub devices: usize,
+    /// Readings per second per device.
+    pub rate_per_device: f64,
+    pub seed: u64,
+    /// Share of faulty payloads (0.0..=1.0).
+    pub faults: f64,
+    /// Simulated seconds per real second.
+    pub time_scale: f64,
+}
+
+impl Default for SimulateConfig {
+    fn default() -> Self {
+        SimulateConfig {
+            devices: 0,
+            rate_per_device: 1.0,
+            seed: 1,
+            faults: 0.0,
+            time_scale: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryMode {
+    /// Many readings in flight; delivery reports handled as they come.
+    Async,
+    /// One reading at a time: wait for each acknowledgement before the next.
+    Sync,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    pub bootstrap_servers: String,
+    pub topic: String,
+    pub dlq_topic: String,
+    pub dlq_enabled: bool,
+    /// DLQ records keep at most this many bytes of the raw payload.
+    pub dlq_max_payload_bytes: usize,
+    /// Create missing topics at start-up instead of failing.
+    pub create_topics: bool,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    pub delivery_mode: DeliveryMode,
+    /// Readings accepted and not yet acknowledged by Kafka; intake pauses at this.
+    pub max_in_flight: usize,
+    /// none, gzip, snappy or lz4.
+    pub compression: String,
+    pub linger_ms: u64,
+    /// After this a delivery attempt fails and the gateway sends it again.
+    pub message_timeout_ms: u64,
+    /// Any librdkafka producer property, passed through as is.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            topic: "weather".into(),
+            dlq_topic: "weather.dlq".into(),
+            dlq_enabled: true,
+            dlq_max_payload_bytes: 65_536,
+            create_topics: false,
+            partitions: 6,
+            replication_factor: 1,
+            delivery_mode: DeliveryMode::Async,
+            max_in_flight: 20_000,
+            compression: "lz4".into(),
+            linger_ms: 5,
+            message_timeout_ms: 60_000,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:9310".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `info,iot_gateway=debug`; RUST_LOG wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// On SIGINT/SIGTERM: how long to wait for in-flight deliveries.
+    pub grace_period_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace_period_ms: 10_000,
+        }
+    }
+}
+
+const COMPRESSIONS: [&str; 4] = ["none", "gzip", "snappy", "lz4"];
+
+impl GatewayConfig {
+    /// Loads the file (if any) and `GATEWAY__*` variables, then validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let cfg: GatewayConfig = load(path, "GATEWAY", &["mqtt.topics"])?;
+        cfg.validate(path.unwrap_or(Path::new("built-in defaults")))?;
+        Ok(cfg)
+    }
+
+    /// Checks values without I/O.
+    pub fn validate(&self, origin: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(invalid(origin, key, why));
+        if self.mqtt.enabled {
+            parse_mqtt_url(&self.mqtt.url).map_err(|e| invalid(origin, "mqtt.url", e))?;
+            if self.mqtt.client_id.is_empty() {
+                return bad(
+                    "mqtt.client_id",
+                    "must not be empty (a fixed id keeps the session)",
+                );
+            }
+            if self.mqtt.topics.is_empty() {
+                return bad("mqtt.topics", "needs at least one topic filter");
+            }
+            for t in &self.mqtt.topics {
+                if t.is_empty() || t.split('/').any(|s| s.contains(['+', '#']) && s.len() > 1) {
+                    return Err(invalid(
+                        origin,
+                        "mqtt.topics",
+                        format!("{t:?} is not a valid topic filter"),
+                    ));
+                }
+            }
+            if self.mqtt.password.is_some() && self.mqtt.username.is_none() {
+                return bad("mqtt.password", "set mqtt.username too");
+            }
+            if self.mqtt.receive_maximum == 0 {
+                return bad("mqtt.receive_maximum", "must be at least 1");
+            }
+            if self.mqtt.max_packet_bytes < self.validation.max_payload_bytes {
+                return bad(
+                    "mqtt.max_packet_bytes",
+                    "must be at least validation.max_payload_bytes",
+                );
+            }
+            if self.mqtt.reconnect_min_ms == 0
+                || self.mqtt.reconnect_max_ms < self.mqtt.reconnect_min_ms
+            {
+                return bad(
+                    "mqtt.reconnect_max_ms",
+                    "needs 0 < reconnect_min_ms <= reconnect_max_ms",
+                );
+            }
+        }
+        if !self.mqtt.enabled && self.simulate.devices == 0 {
+            return bad(
+                "simulate.devices",
+                "no source: enable mqtt or simulate at least one device",
+            );
+        }
+        if self.simulate.devices > 0 {
+            if !(self.simulate.rate_per_device > 0.0 && self.simulate.rate_per_device.is_finite()) {
+                return bad("simulate.rate_per_device", "must be a positive number");
+            }
+            if !(0.0..=1.0).contains(&self.simulate.faults) {
+                return bad("simulate.faults", "must be between 0.0 and 1.0");
+            }
+            if self.simulate.time_scale.is_nan() || self.simulate.time_scale <= 0.0 {
+                return bad("simulate.time_scale", "must be positive");
+            }
+        }
+        let k = &self.kafka;
+        if k.bootstrap_servers.trim().is_empty() {
+            return bad("kafka.bootstrap_servers", "must not be empty");
+        }
+        if k.topic.is_empty() {
+            return bad("kafka.topic", "must not be empty");
+        }
+        if k.dlq_enabled && (k.dlq_topic.is_empty() || k.dlq_topic == k.topic) {
+            return bad("kafka.dlq_topic", "must be set and differ from kafka.topic");
+        }
+        if k.max_in_flight == 0 {
+            return bad("kafka.max_in_flight", "must be at least 1");
+        }
+        if !COMPRESSIONS.contains(&k.compression.as_str()) {
+            return Err(invalid(
+                origin,
+                "kafka.compression",
+                format!(
+                    "{:?} is not one of {}",
+                    k.compression,
+                    COMPRESSIONS.join(", ")
+                ),
+            ));
+        }
+        if k.partitions < 1 || k.replication_factor < 1 {
+            return bad(
+                "kafka.partitions",
+                "partitions and replication_factor must be >= 1",
+            );
+        }
+        let v = &self.validation;
+        if v.temperature_min.partial_cmp(&v.temperature_max) != Some(std::cmp::Ordering::Less) {
+            return bad(
+                "validation.temperature_min",
+                "must be below validation.temperature_max",
+            );
+        }
+        if v.humidity_min.partial_cmp(&v.humidity_max) != Some(std::cmp::Ordering::Less) {
+            return bad(
+                "validation.humidity_min",
+                "must be below validation.humidity_max",
+            );
+        }
+        if v.max_payload_bytes == 0 {
+            return bad("validation.max_payload_bytes", "must be positive");
+        }
+        self.http
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| {
+                invalid(
+                    origin,
+                    "http.listen",
+                    format!("{:?}: {e}", self.http.listen),
+                )
+            })?;
+        Ok(())
+    }
+
+    /// The effective config as TOML, with secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        let mut c = self.clone();
+        if c.mqtt.password.is_some() {
+            c.mqtt.password = Some("********".into());
+        }
+        mask_properties(&mut c.kafka.properties);
+        toml_string(&c)
+    }
+}
+
+/// Masks librdkafka properties that carry secrets (sasl.password, ssl.key.password, ...).
+pub fn mask_properties(props: &mut BTreeMap<String, String>) {
+    for (k, v) in props.iter_mut() {
+        if k.contains("password") || k.contains("secret") || k.ends_with(".key.pem") {
+            *v = "********".into();
+        }
+    }
+}
+
+fn toml_string<T: Serialize>(v: &T) -> String {
+    // serde_json -> toml via config's own TOML writer is not available; a
+    // hand-rolled writer over serde_json keeps dependencies down.
+    let value = serde_json::to_value(v).unwrap_or(serde_json::Value::Null);
+    let mut out = String::new();
+    if let serde_json::Value::Object(map) = value {
+        write_table(&mut out, "", &map);
+    }
+    out
+}
+
+fn write_table(out: &mut String, prefix: &str, map: &serde_json::Map<String, serde_json::Value>) {
+    use serde_json::Value;
+    for (k, v) in map {
+        match v {
+            Value::Object(_) | Value::Null => {}
+            other => out.push_str(&format!("{} = {}\n", toml_key(k), toml_value(other))),
+        }
+    }
+    for (k, v) in map {
+        if let Value::Object(sub) = v {
+            let name = if prefix.is_empty() {
+                toml_key(k)
+            } else {
+                format!("{prefix}.{}", toml_key(k))
+            };
+            out.push_str(&format!("\n[{name}]\n"));
+            write_table(out, &name, sub);
+        }
+    }
+}
+
+fn toml_key(k: &str) -> String {
+    if k.chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        k.to_string()
+    } else {
+        format!("{k:?}")
+    }
+}
+
+fn toml_value(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => format!("{s:?}"),
+        Value::Array(items) => format!(
+            "[{}]",
+            items.iter().map(toml_value).collect::<Vec<_>>().join(", ")
+        ),
+        Value::Number(n) if n.is_f64() => {
+            let s = n.to_string();
+            if s.contains(['.', 'e', 'E']) {
+                s
+            } else {
+                format!("{s}.0")
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Path given on the command line, or the default file when it exists.
+pub fn resolve_path(given: Option<PathBuf>, default: &str) -> Option<PathBuf> {
+    given.or_else(|| {
+        let p = PathBuf::from(default);
+        p.exists().then_some(p)
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A config file that is removed when dropped.
+    struct TempFile(PathBuf);
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn file(contents: &str) -> TempFile {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("iot-gw-config-{}-{n}.toml", std::process::id()));
+        std::fs::write(&p, contents).unwrap();
+        TempFile(p)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        GatewayConfig::default().validate(Path::new("x")).unwrap();
+    }
+
+    #[test]
+    fn typo_names_the_key_and_the_file() {
+        let f = file("[kafka]\nlinger_msec = 5\n");
+        let e = GatewayConfig::load(Some(&f.0)).unwrap_err().to_string();
+        assert!(e.contains("linger_msec"), "{e}");
+        assert!(e.contains(&f.0.display().to_string()), "{e}");
+        let f = file("[kafk]\ntopic = \"x\"\n");
+        let e = GatewayConfig::load(Some(&f.0)).unwrap_err().to_string();
+        assert!(e.contains("kafk"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_and_bad_values_name_the_key() {
+        let f = file("[kafka]\nmax_in_flight = \"lots\"\n");
+        let e = GatewayConfig::load(Some(&f.0)).unwrap_err().to_string();
+        assert!(e.contains("max_in_flight"), "{e}");
+        let f = file("[kafka]\ncompression = \"brotli\"\n");
+        let e = GatewayConfig::load(Some(&f.0)).unwrap_err().to_string();
+        assert!(
+            e.contains("kafka.compression") && e.contains("brotli"),
+            "{e}"
+        );
+        let f = file("[mqtt]\nurl = \"http://x\"\n");
+        let e = GatewayConfig::load(Some(&f.0)).unwrap_err().to_string();
+        assert!(e.contains("mqtt.url"), "{e}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let e = GatewayConfig::load(Some(Path::new("/nonexistent/gw.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/nonexistent/gw.toml") && e.contains("not found"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn file_values_are_read() {
+        let f = file(
+            "[mqtt]\ntopics = [\"a/+/b\"]\nversion = \"5\"\n[kafka]\ndelivery_mode = \"sync\"\n[kafka.properties]\n\"sasl.password\" = \"hunter2\"\n",
+        );
+        let c = GatewayConfig::load(Some(&f.0)).unwrap();
+        assert_eq!(c.mqtt.topics, vec!["a/+/b".to_string()]);
+        assert_eq!(c.mqtt.version, MqttVersion::V5);
+        assert_eq!(c.kafka.delivery_mode, DeliveryMode::Sync);
+        let shown = c.to_masked_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("[kafka.properties]"), "{shown}");
+    }
+
+    #[test]
+    fn mqtt_urls() {
+        assert_eq!(
+            parse_mqtt_url("mqtt://127.0.0.1:1884").unwrap(),
+            ("127.0.0.1".into(), 1884)
+        );
+        assert_eq!(
+            parse_mqtt_url("tcp://broker").unwrap(),
+            ("broker".into(), 1883)
+        );
+        assert!(parse_mqtt_url("mqtt://h:x").is_err());
+        assert!(parse_mqtt_url("mqtts://h:8883")
+            .unwrap_err()
+            .contains("TLS"));
+        assert!(parse_mqtt_url("h:1883").is_err());
+    }
+}

@@ -1,0 +1,184 @@
+//! Kafka sink: an idempotent producer whose delivery reports come back to the
+//! pipeline as events (many records in flight, reports handled as they come),
+//! topic checks at start-up, and a periodic reachability probe.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Headers, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use tokio::sync::mpsc;
+
+use crate::config::{DeliveryMode, KafkaConfig};
+
+/// Per-record bookkeeping carried through librdkafka as the delivery opaque.
+#[derive(Debug)]
+pub struct InFlight {
+    /// Position in the ack tracker.
+    pub ack_id: super::acks::AckId,
+    pub received_at: std::time::Instant,
+    /// `None` for a reading on the main topic, else the DLQ reason code.
+    pub dlq_reason: Option<&'static str>,
+    /// Delivery attempts so far.
+    pub attempts: u32,
+}
+
+/// A record that failed and may be sent again (copied out of librdkafka).
+#[derive(Debug)]
+pub struct Retry {
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Option<OwnedHeaders>,
+    pub timestamp: Option<i64>,
+}
+
+/// One delivery report.
+#[derive(Debug)]
+pub struct Report {
+    pub meta: Box<InFlight>,
+    pub result: Result<(), (KafkaError, Retry)>,
+}
+
+/// Forwards delivery reports from librdkafka's polling thread to the pipeline.
+#[derive(Debug)]
+pub struct ReportContext {
+    tx: mpsc::UnboundedSender<Report>,
+}
+
+impl ClientContext for ReportContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Broker connection errors are expected during an outage; /readyz and
+        // gateway_kafka_reachable report them, so keep the log readable.
+        tracing::debug!(%error, reason, "librdkafka");
+    }
+}
+
+impl ProducerContext for ReportContext {
+    type DeliveryOpaque = Box<InFlight>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, meta: Box<InFlight>) {
+        let result = match result {
+            Ok(_) => Ok(()),
+            Err((e, msg)) => Err((
+                e.clone(),
+                Retry {
+                    key: msg.key().map(<[u8]>::to_vec),
+                    payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    headers: msg.headers().map(|h| h.detach()),
+                    timestamp: msg.timestamp().to_millis(),
+                },
+            )),
+        };
+        // The receiver is gone only when the pipeline stopped: nothing to do.
+        let _ = self.tx.send(Report { meta, result });
+    }
+}
+
+pub type GatewayProducer = ThreadedProducer<ReportContext>;
+
+/// Builds the producer with our defaults, then the pass-through properties.
+pub fn producer(
+    cfg: &KafkaConfig,
+) -> Result<(GatewayProducer, mpsc::UnboundedReceiver<Report>), KafkaError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.bootstrap_servers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", &cfg.compression)
+        .set("linger.ms", cfg.linger_ms.to_string())
+        .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
+        // Room for every record we allow in flight, so `send` never sees a full queue.
+        .set(
+            "queue.buffering.max.messages",
+            (cfg.max_in_flight.max(1000) * 2 + 1000).to_string(),
+        )
+        .set("client.id", "iot-gateway");
+    if cfg.delivery_mode == DeliveryMode::Sync {
+        // One record at a time: do not wait for a batch that never fills.
+        c.set("linger.ms", "0");
+    }
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    let p = c.create_with_context(ReportContext { tx })?;
+    Ok((p, rx))
+}
+
+/// Errors that retrying cannot fix: the record goes to the DLQ instead.
+pub fn is_permanent(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidMessage
+                | C::InvalidRecord
+                | C::TopicAuthorizationFailed
+                | C::InvalidRequiredAcks
+                | C::InvalidTopic
+        )
+    )
+}
+
+/// What a metadata request says about a topic.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TopicState {
+    Exists { partitions: usize },
+    Missing,
+}
+
+/// Asks the cluster about `topic` (blocking; call from `spawn_blocking`).
+pub fn topic_state<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<TopicState, KafkaError> {
+    let md = client.fetch_metadata(Some(topic), timeout)?;
+    match md.topics().iter().find(|t| t.name() == topic) {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(TopicState::Exists {
+            partitions: t.partitions().len(),
+        }),
+        _ => Ok(TopicState::Missing),
+    }
+}
+
+/// Creates topics with the configured partitions and replication.
+pub async fn create_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<(), String> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.bootstrap_servers)
+        .create()
+        .map_err(|e| e.to_string())?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(cfg.replication_factor)))
+        .collect();
+    let results = admin
+        .create_topics(new.iter(), &AdminOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => return Err(format!("creating topic {t}: {code}")),
+        }
+    }
+    Ok(())
+}
+
+/// Sum of the lengths of the headers (for logs and tests).
+pub fn header_str<'a>(h: &'a impl Headers, name: &str) -> Option<&'a str> {
+    h.iter()
+        .find(|x| x.key == name)
+        .and_then(|x| x.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// Queue depth of the producer (records not yet acknowledged by Kafka).
+pub fn queue_depth(p: &GatewayProducer) -> i64 {
+    i64::from(p.in_flight_count())
+}

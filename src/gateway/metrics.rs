@@ -1,0 +1,273 @@
+//! Gateway events: each method logs and counts together, so the log and the
+//! metrics never drift. Metric handles are created once and cached (a labelled
+//! lookup per reading costs far more than a cached handle).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use tracing::{debug, error, info, warn};
+
+use crate::reading::Rejection;
+
+/// Reason codes used on the DLQ besides validation rejections.
+pub const KAFKA_REJECTED: &str = "kafka_rejected";
+
+#[derive(Clone)]
+pub struct GatewayMetrics {
+    pub registry: Registry,
+    received_mqtt: IntCounter,
+    received_simulated: IntCounter,
+    rejected: HashMap<&'static str, IntCounter>,
+    delivered: IntCounter,
+    dead_lettered: HashMap<&'static str, IntCounter>,
+    dropped: IntCounter,
+    delivery_retriable: IntCounter,
+    delivery_permanent: IntCounter,
+    pub in_flight: IntGauge,
+    latency: Histogram,
+    pub mqtt_connected: IntGauge,
+    mqtt_reconnects: IntCounter,
+    mqtt_acks: IntCounter,
+    seq_gaps: IntCounter,
+    seq_repeats: IntCounter,
+    pub kafka_queue_depth: IntGauge,
+    pub kafka_reachable: IntGauge,
+}
+
+impl std::fmt::Debug for GatewayMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GatewayMetrics")
+    }
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+fn labelled(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[&'static str],
+) -> HashMap<&'static str, IntCounter> {
+    let vec = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+    registry
+        .register(Box::new(vec.clone()))
+        .expect("unique metric");
+    values
+        .iter()
+        .map(|v| (*v, vec.with_label_values(&[v])))
+        .collect()
+}
+
+impl GatewayMetrics {
+    // Metric definitions are static: a failure here is a programming error.
+    #[allow(clippy::expect_used)]
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let received = IntCounterVec::new(
+            Opts::new(
+                "gateway_readings_received_total",
+                "Payloads received, by source (mqtt, simulated).",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(received.clone()))
+            .expect("unique metric");
+        let dlq_reasons: Vec<&'static str> = Rejection::CODES
+            .iter()
+            .copied()
+            .chain([KAFKA_REJECTED])
+            .collect();
+        let latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "gateway_delivery_latency_seconds",
+                "Time from receiving a reading to Kafka acknowledging it.",
+            )
+            .buckets(crate::telemetry::LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        r.register(Box::new(latency.clone()))
+            .expect("unique metric");
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "gateway_delivery_errors_total",
+                "Failed Kafka delivery attempts, by kind: retriable (sent again) or permanent (dead-lettered).",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(errors.clone())).expect("unique metric");
+        let build = IntGauge::with_opts(
+            Opts::new("gateway_build_info", "Always 1; the version is a label.")
+                .const_label("version", env!("CARGO_PKG_VERSION")),
+        )
+        .expect("valid metric");
+        build.set(1);
+        r.register(Box::new(build)).expect("unique metric");
+        GatewayMetrics {
+            received_mqtt: received.with_label_values(&["mqtt"]),
+            received_simulated: received.with_label_values(&["simulated"]),
+            rejected: labelled(
+                &r,
+                "gateway_readings_rejected_total",
+                "Payloads that failed validation, by reason code.",
+                "reason",
+                &Rejection::CODES,
+            ),
+            delivered: counter(
+                &r,
+                "gateway_readings_delivered_total",
+                "Valid readings acknowledged by Kafka on the main topic.",
+            ),
+            dead_lettered: labelled(
+                &r,
+                "gateway_dlq_records_total",
+                "Records acknowledged by Kafka on the dead-letter topic, by reason code.",
+                "reason",
+                &dlq_reasons,
+            ),
+            dropped: counter(
+                &r,
+                "gateway_readings_dropped_total",
+                "Payloads given up on: rejected with the DLQ disabled, or a DLQ record Kafka refused for good.",
+            ),
+            delivery_retriable: errors.with_label_values(&["retriable"]),
+            delivery_permanent: errors.with_label_values(&["permanent"]),
+            in_flight: gauge(
+                &r,
+                "gateway_in_flight_readings",
+                "Payloads accepted and not yet acknowledged by Kafka.",
+            ),
+            latency,
+            mqtt_connected: gauge(&r, "gateway_mqtt_connected", "1 while connected to the MQTT broker."),
+            mqtt_reconnects: counter(
+                &r,
+                "gateway_mqtt_reconnects_total",
+                "MQTT connections lost (each is followed by reconnect attempts).",
+            ),
+            mqtt_acks: counter(
+                &r,
+                "gateway_mqtt_acks_total",
+                "PUBACKs sent (only after Kafka acknowledged the reading or its DLQ record).",
+            ),
+            seq_gaps: counter(
+                &r,
+                "gateway_sequence_gaps_total",
+                "Readings missing according to per-device seq (lost before reaching the gateway).",
+            ),
+            seq_repeats: counter(
+                &r,
+                "gateway_sequence_repeats_total",
+                "Readings whose seq was not newer than the device's last one (duplicates, redeliveries).",
+            ),
+            kafka_queue_depth: gauge(
+                &r,
+                "gateway_kafka_queue_depth",
+                "Messages in the Kafka producer queue (librdkafka), waiting for delivery.",
+            ),
+            kafka_reachable: gauge(
+                &r,
+                "gateway_kafka_reachable",
+                "1 when the last Kafka metadata request succeeded.",
+            ),
+            registry: r,
+        }
+    }
+
+    pub fn received(&self, simulated: bool) {
+        if simulated {
+            self.received_simulated.inc()
+        } else {
+            self.received_mqtt.inc()
+        }
+    }
+
+    pub fn rejected(&self, rejection: &Rejection, source: &str) {
+        debug!(reason = rejection.code(), %rejection, source, "reading rejected");
+        if let Some(c) = self.rejected.get(rejection.code()) {
+            c.inc();
+        }
+    }
+
+    pub fn delivered(&self, latency: Duration) {
+        self.delivered.inc();
+        self.latency.observe(latency.as_secs_f64());
+    }
+
+    pub fn dead_lettered(&self, reason: &'static str) {
+        if let Some(c) = self.dead_lettered.get(reason) {
+            c.inc();
+        }
+    }
+
+    pub fn dropped(&self, reason: &str, detail: &str) {
+        error!(
+            reason,
+            detail, "payload dropped: it could not be delivered or dead-lettered"
+        );
+        self.dropped.inc();
+    }
+
+    pub fn delivery_retriable(&self, error: &dyn std::fmt::Display) {
+        // Logged at debug: during an outage every in-flight reading fails once a
+        // minute; the counter and /readyz tell the story.
+        debug!(%error, "Kafka delivery failed; sending again");
+        self.delivery_retriable.inc();
+    }
+
+    pub fn delivery_permanent(&self, error: &dyn std::fmt::Display, topic: &str) {
+        warn!(%error, topic, "Kafka refused a record for good");
+        self.delivery_permanent.inc();
+    }
+
+    pub fn acked(&self, n: usize) {
+        self.mqtt_acks.inc_by(n as u64);
+    }
+
+    pub fn seq_gap(&self, device: &str, missing: u64) {
+        debug!(device, missing, "sequence gap");
+        self.seq_gaps.inc_by(missing);
+    }
+
+    pub fn seq_repeat(&self, device: &str) {
+        debug!(device, "sequence repeat");
+        self.seq_repeats.inc();
+    }
+
+    pub fn mqtt_up(&self, url: &str, session_present: bool) {
+        info!(url, session_present, "MQTT connected");
+        self.mqtt_connected.set(1);
+    }
+
+    pub fn mqtt_down(&self, url: &str, error: &dyn std::fmt::Display, was_connected: bool) {
+        if was_connected {
+            warn!(url, %error, "MQTT connection lost; reconnecting");
+            self.mqtt_reconnects.inc();
+        } else {
+            warn!(url, %error, "MQTT connection failed; retrying");
+        }
+        self.mqtt_connected.set(0);
+    }
+}
+
+impl Default for GatewayMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

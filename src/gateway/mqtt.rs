@@ -1,0 +1,282 @@
+//! MQTT source (rumqttc, MQTT 3.1.1 or 5). One task only polls the event loop and
+//! forwards what arrives; it never awaits anything else, so keepalives flow even
+//! while Kafka is slow. Acknowledgements are sent by the pipeline through
+//! [`Acker`], only for readings Kafka has, in arrival order.
+//!
+//! The broker bounds what it sends us unacknowledged (Mosquitto's
+//! `max_inflight_messages`, MQTT 5 Receive Maximum), which is what bounds the
+//! unbounded channel to the pipeline.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rumqttc::{v5, QoS};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::GatewayMetrics;
+use super::{Incoming, SourceEvent};
+use crate::config::{parse_mqtt_url, MqttConfig, MqttVersion};
+
+/// What the event loop reported, the same for both protocol versions.
+enum Polled {
+    ConnAck {
+        session_present: bool,
+    },
+    Publish(Incoming),
+    SubAck {
+        refused: usize,
+    },
+    /// We asked to disconnect (shutdown).
+    Disconnecting,
+    Other,
+}
+
+/// Sends PUBACKs and the final DISCONNECT.
+#[derive(Clone, Debug)]
+pub enum Acker {
+    V311(rumqttc::AsyncClient),
+    V5(v5::AsyncClient),
+}
+
+impl Acker {
+    /// PUBACK for `pkid` (QoS 1).
+    pub async fn ack(&self, pkid: u16) -> Result<(), String> {
+        match self {
+            Acker::V311(c) => {
+                let mut p = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::new());
+                p.pkid = pkid;
+                c.ack(&p).await.map_err(|e| e.to_string())
+            }
+            Acker::V5(c) => {
+                let mut p = v5::mqttbytes::v5::Publish::new(
+                    "",
+                    v5::mqttbytes::QoS::AtLeastOnce,
+                    Vec::new(),
+                    None,
+                );
+                p.pkid = pkid;
+                c.ack(&p).await.map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    pub async fn disconnect(&self) {
+        let _ = match self {
+            Acker::V311(c) => c.disconnect().await.map_err(|e| e.to_string()),
+            Acker::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
+        };
+    }
+
+    fn subscribe_all(&self, topics: &[String]) {
+        // Spawned: the request channel may be full, and the event-loop task must
+        // never wait on it.
+        let (me, topics) = (self.clone(), topics.to_vec());
+        tokio::spawn(async move {
+            for t in topics {
+                let r = match &me {
+                    Acker::V311(c) => c
+                        .subscribe(&t, QoS::AtLeastOnce)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Acker::V5(c) => c
+                        .subscribe(&t, v5::mqttbytes::QoS::AtLeastOnce)
+                        .await
+                        .map_err(|e| e.to_string()),
+                };
+                if let Err(e) = r {
+                    tracing::error!(topic = %t, error = %e, "MQTT subscribe request failed");
+                }
+            }
+        });
+    }
+}
+
+enum Loop {
+    V311(Box<rumqttc::EventLoop>),
+    V5(Box<v5::EventLoop>),
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn incoming(topic: String, payload: Bytes, pkid: u16, qos1: bool) -> Incoming {
+    Incoming {
+        topic,
+        device: None,
+        payload,
+        received_ms: now_ms(),
+        received_at: std::time::Instant::now(),
+        pkid: qos1.then_some(pkid),
+    }
+}
+
+impl Loop {
+    async fn poll(&mut self) -> Result<Polled, String> {
+        match self {
+            Loop::V311(el) => {
+                use rumqttc::{Event, Outgoing, Packet};
+                Ok(match el.poll().await.map_err(|e| e.to_string())? {
+                    Event::Incoming(Packet::ConnAck(a)) => Polled::ConnAck {
+                        session_present: a.session_present,
+                    },
+                    Event::Incoming(Packet::Publish(p)) => Polled::Publish(incoming(
+                        p.topic,
+                        p.payload,
+                        p.pkid,
+                        p.qos != QoS::AtMostOnce,
+                    )),
+                    Event::Incoming(Packet::SubAck(s)) => Polled::SubAck {
+                        refused: s
+                            .return_codes
+                            .iter()
+                            .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                            .count(),
+                    },
+                    Event::Outgoing(Outgoing::Disconnect) => Polled::Disconnecting,
+                    _ => Polled::Other,
+                })
+            }
+            Loop::V5(el) => {
+                use v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
+                use v5::Event;
+                Ok(match el.poll().await.map_err(|e| e.to_string())? {
+                    Event::Incoming(Packet::ConnAck(a)) => Polled::ConnAck {
+                        session_present: a.session_present,
+                    },
+                    Event::Incoming(Packet::Publish(p)) => Polled::Publish(incoming(
+                        String::from_utf8_lossy(&p.topic).into_owned(),
+                        p.payload,
+                        p.pkid,
+                        p.qos != v5::mqttbytes::QoS::AtMostOnce,
+                    )),
+                    Event::Incoming(Packet::SubAck(s)) => Polled::SubAck {
+                        refused: s
+                            .return_codes
+                            .iter()
+                            .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                            .count(),
+                    },
+                    Event::Outgoing(rumqttc::Outgoing::Disconnect) => Polled::Disconnecting,
+                    _ => Polled::Other,
+                })
+            }
+        }
+    }
+}
+
+/// A running MQTT source.
+#[derive(Debug)]
+pub struct MqttSource {
+    pub acker: Acker,
+    pub events: mpsc::UnboundedReceiver<SourceEvent>,
+    pub task: JoinHandle<()>,
+    /// Cancel to let the event loop stop retrying a lost connection.
+    pub stop: CancellationToken,
+}
+
+/// Starts the client and its event-loop task.
+pub fn start(cfg: &MqttConfig, metrics: GatewayMetrics) -> Result<MqttSource, String> {
+    let (host, port) = parse_mqtt_url(&cfg.url)?;
+    let keep_alive = Duration::from_secs(cfg.keep_alive_secs.max(5));
+    // Request channel: acks for a whole broker in-flight window fit without waiting.
+    let cap = usize::from(cfg.receive_maximum).max(1000) * 2;
+    let (acker, el) = match cfg.version {
+        MqttVersion::V311 => {
+            let mut o = rumqttc::MqttOptions::new(&cfg.client_id, host, port);
+            o.set_keep_alive(keep_alive)
+                .set_clean_session(cfg.clean_session)
+                .set_manual_acks(true)
+                .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes);
+            if let Some(u) = &cfg.username {
+                o.set_credentials(u, cfg.password.clone().unwrap_or_default());
+            }
+            let (c, el) = rumqttc::AsyncClient::new(o, cap);
+            (Acker::V311(c), Loop::V311(Box::new(el)))
+        }
+        MqttVersion::V5 => {
+            let mut o = v5::MqttOptions::new(&cfg.client_id, host, port);
+            o.set_keep_alive(keep_alive)
+                .set_clean_start(cfg.clean_session)
+                .set_manual_acks(true)
+                .set_session_expiry_interval(Some(cfg.session_expiry_secs))
+                .set_receive_maximum(Some(cfg.receive_maximum))
+                .set_max_packet_size(Some(cfg.max_packet_bytes as u32));
+            if let Some(u) = &cfg.username {
+                o.set_credentials(u, cfg.password.clone().unwrap_or_default());
+            }
+            let (c, el) = v5::AsyncClient::new(o, cap);
+            (Acker::V5(c), Loop::V5(Box::new(el)))
+        }
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(event_loop(
+        el,
+        acker.clone(),
+        cfg.clone(),
+        tx,
+        metrics,
+        stop.clone(),
+    ));
+    Ok(MqttSource {
+        acker,
+        events: rx,
+        task,
+        stop,
+    })
+}
+
+async fn event_loop(
+    mut el: Loop,
+    acker: Acker,
+    cfg: MqttConfig,
+    tx: mpsc::UnboundedSender<SourceEvent>,
+    metrics: GatewayMetrics,
+    stop: CancellationToken,
+) {
+    let min = Duration::from_millis(cfg.reconnect_min_ms);
+    let max = Duration::from_millis(cfg.reconnect_max_ms);
+    let mut backoff = min;
+    let mut connected = false;
+    loop {
+        match el.poll().await {
+            Ok(Polled::ConnAck { session_present }) => {
+                connected = true;
+                backoff = min;
+                metrics.mqtt_up(&cfg.url, session_present);
+                // A new connection: the broker redelivers whatever was not acked.
+                let _ = tx.send(SourceEvent::Connected);
+                acker.subscribe_all(&cfg.topics);
+            }
+            Ok(Polled::Publish(msg)) => {
+                if tx.send(SourceEvent::Message(msg)).is_err() {
+                    break; // pipeline gone
+                }
+            }
+            Ok(Polled::SubAck { refused }) if refused > 0 => {
+                tracing::error!(topics = ?cfg.topics, refused, "the broker refused a subscription (check its ACL)");
+            }
+            Ok(Polled::Disconnecting) => break,
+            Ok(_) => {}
+            Err(e) => {
+                if stop.is_cancelled() {
+                    break;
+                }
+                metrics.mqtt_down(&cfg.url, &e, connected);
+                connected = false;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(max);
+            }
+        }
+    }
+    metrics.mqtt_connected.set(0);
+}

@@ -1,0 +1,78 @@
+//! The small HTTP server both services run: `/metrics`, `/healthz`, `/readyz`,
+//! plus whatever routes a service adds (the aggregator's JSON API).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Readiness: `Ok(())` or the reasons the service is not ready.
+pub type ReadyFn = Arc<dyn Fn() -> Result<(), Vec<String>> + Send + Sync>;
+
+#[derive(Clone)]
+struct BaseState {
+    registry: Registry,
+    ready: ReadyFn,
+}
+
+/// Router with `/metrics`, `/healthz` and `/readyz`.
+pub fn base_router(registry: Registry, ready: ReadyFn) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(BaseState { registry, ready })
+}
+
+async fn metrics(State(s): State<BaseState>) -> Response {
+    let body = tokio::task::spawn_blocking(move || crate::telemetry::encode(&s.registry))
+        .await
+        .unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn readyz(State(s): State<BaseState>) -> Response {
+    match (s.ready)() {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(reasons) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", reasons.join("; ")),
+        )
+            .into_response(),
+    }
+}
+
+/// Binds `addr`, with an error that says what to change when the port is taken.
+pub async fn bind(addr: &str, key: &str) -> Result<TcpListener, String> {
+    let sock: SocketAddr = addr
+        .parse()
+        .map_err(|e| format!("{key} = {addr:?} is not an address: {e}"))?;
+    TcpListener::bind(sock)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} ({key}): {e}"))
+}
+
+/// Serves `router` until `shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) {
+    let addr = listener.local_addr().ok();
+    if let Err(e) = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        tracing::error!(error = %e, ?addr, "HTTP server failed");
+    }
+}
