@@ -116,12 +116,49 @@ pub struct GatewayConfig {
     pub shutdown: ShutdownConfig,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum MqttVersion {
     #[serde(rename = "3.1.1")]
     V311,
     #[serde(rename = "5")]
     V5,
+}
+
+impl std::str::FromStr for MqttVersion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "3.1.1" | "311" | "4" => Ok(MqttVersion::V311),
+            "5" | "5.0" => Ok(MqttVersion::V5),
+            other => Err(format!("MQTT version {other:?} is not \"3.1.1\" or \"5\"")),
+        }
+    }
+}
+
+// By hand: an environment override `5` arrives as a number, a file has "5".
+impl<'de> Deserialize<'de> for MqttVersion {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = MqttVersion;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"3.1.1\" or \"5\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<MqttVersion, E> {
+                v.parse().map_err(E::custom)
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<MqttVersion, E> {
+                v.to_string().parse().map_err(E::custom)
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<MqttVersion, E> {
+                v.to_string().parse().map_err(E::custom)
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<MqttVersion, E> {
+                v.to_string().parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -255,6 +255,9 @@ async fn probe_kafka(
     fatal: mpsc::Sender<GatewayError>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
+    // A topic must be missing on several probes in a row before we give up:
+    // metadata can lag right after a broker (re)start.
+    let mut missing_probes = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -265,11 +268,16 @@ async fn probe_kafka(
         let was = health.kafka.load(Ordering::Relaxed);
         match state {
             Ok(None) => {
+                missing_probes = 0;
                 if !was {
                     info!(servers = %cfg.kafka.bootstrap_servers, "Kafka reachable");
                 }
                 health.kafka.store(true, Ordering::Relaxed);
                 metrics.kafka_reachable.set(1);
+            }
+            Ok(Some(topic)) if missing_probes < 3 => {
+                missing_probes += 1;
+                warn!(topic = %topic, "topic not found (yet) on a reachable Kafka");
             }
             Ok(Some(topic)) => {
                 let _ = fatal
@@ -385,7 +393,7 @@ impl Pipeline {
             }
             self.flush_acks(acker).await;
             self.metrics.in_flight.set(self.in_flight as i64);
-            if draining && self.in_flight == 0 {
+            if deadline.is_some() && self.in_flight == 0 {
                 info!("all accepted readings delivered");
                 break;
             }

@@ -107,3 +107,285 @@ pub async fn create_topic(name: &str, partitions: i32) {
         }
     }
 }
+
+// ------------------------------------------------------------------ HTTP
+
+/// Minimal HTTP/1.1 GET (tests only): returns (status, body), or an error text.
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no header end")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or("no status")?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+// ------------------------------------------------------------------ Prometheus text
+
+/// One sample of a Prometheus text exposition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses the Prometheus text format (what `/metrics` serves).
+pub fn parse_prometheus(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name_labels, value) = match line.rfind(' ') {
+            Some(i) => (&line[..i], &line[i + 1..]),
+            None => panic!("bad metrics line: {line}"),
+        };
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("bad value in: {line}")),
+        };
+        let (name, labels) = match name_labels.find('{') {
+            None => (name_labels.to_string(), Default::default()),
+            Some(i) => {
+                let inner = name_labels[i + 1..].trim_end_matches('}');
+                (name_labels[..i].to_string(), parse_labels(inner))
+            }
+        };
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+fn parse_labels(mut s: &str) -> std::collections::BTreeMap<String, String> {
+    let mut m = std::collections::BTreeMap::new();
+    while let Some(eq) = s.find("=\"") {
+        let key = s[..eq].trim_start_matches(',').trim().to_string();
+        let rest = &s[eq + 2..];
+        let mut val = String::new();
+        let mut chars = rest.char_indices();
+        let mut end = rest.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => val.push('\n'),
+                    Some((_, c2)) => val.push(c2),
+                    None => {}
+                },
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => val.push(c),
+            }
+        }
+        m.insert(key, val);
+        s = &rest[end..];
+    }
+    m
+}
+
+/// Value of the sample `name` whose labels include all of `labels`.
+pub fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+}
+
+/// Fetches and parses `http://addr/metrics`.
+pub fn scrape(addr: &str) -> Vec<Sample> {
+    let (status, body) = http_get(addr, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "GET /metrics: {body}");
+    parse_prometheus(&body)
+}
+
+// ------------------------------------------------------------------ Kafka reading
+
+/// Reads `topic` from the beginning until `want` messages arrived (or `timeout`),
+/// then keeps reading for `settle` more to catch extras.
+pub async fn consume(
+    topic: &str,
+    want: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<rdkafka::message::OwnedMessage> {
+    use rdkafka::consumer::StreamConsumer;
+    use rdkafka::Message;
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .set("group.id", unique_name("test-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut settle_until: Option<tokio::time::Instant> = None;
+    loop {
+        let until = settle_until.unwrap_or(deadline);
+        match tokio::time::timeout_at(until, consumer.recv()).await {
+            Ok(Ok(m)) => {
+                out.push(m.detach());
+                if out.len() >= want && settle_until.is_none() {
+                    settle_until = Some(tokio::time::Instant::now() + settle);
+                }
+            }
+            Ok(Err(e)) => panic!("consuming {topic}: {e}"),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// Header value as text.
+pub fn header<'a>(m: &'a rdkafka::message::OwnedMessage, name: &str) -> Option<&'a str> {
+    use rdkafka::message::Headers;
+    use rdkafka::Message;
+    let h = m.headers()?;
+    h.iter()
+        .find(|x| x.key == name)
+        .and_then(|x| x.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+// ------------------------------------------------------------------ processes
+
+/// A child process that is killed (and reaped) when dropped.
+pub struct Child {
+    pub child: std::process::Child,
+    pub log: std::path::PathBuf,
+}
+
+impl Child {
+    /// Sends SIGTERM and waits up to `wait` for exit; returns the exit status.
+    pub fn terminate(&mut self, wait: Duration) -> Option<std::process::ExitStatus> {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Directory for per-test files (configs, logs): target/test-runs/<name>.
+pub fn test_dir(name: &str) -> std::path::PathBuf {
+    let d = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/test-runs")
+        .join(name);
+    std::fs::create_dir_all(&d).expect("test dir");
+    d
+}
+
+/// Spawns `bin` with `args` and `envs`, output to `dir/<log_name>.log`.
+pub fn spawn(
+    bin: &str,
+    args: &[&str],
+    envs: &[(&str, String)],
+    dir: &std::path::Path,
+    log_name: &str,
+) -> Child {
+    let log = dir.join(format!("{log_name}.log"));
+    let out = std::fs::File::create(&log).expect("log file");
+    let err = out.try_clone().expect("log file");
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args(args)
+        .stdout(out)
+        .stderr(err)
+        .env("RUST_LOG", "info,iot_gateway=debug");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {bin}: {e}"));
+    Child { child, log }
+}
+
+/// Polls `f` every 100 ms until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
