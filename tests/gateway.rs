@@ -33,12 +33,18 @@ struct Setup {
 impl Setup {
     async fn new(label: &str) -> Setup {
         common::require_kafka();
+        let s = Setup::bare(label);
+        common::create_topic(&s.topic, 6).await;
+        common::create_topic(&s.dlq, 1).await;
+        s
+    }
+
+    /// Names only; the topics are created elsewhere.
+    fn bare(label: &str) -> Setup {
         common::require_mqtt();
         let name = common::unique_name(label);
         let topic = format!("{name}.weather");
         let dlq = format!("{name}.dlq");
-        common::create_topic(&topic, 6).await;
-        common::create_topic(&dlq, 1).await;
         Setup {
             dir: common::test_dir(&name),
             prefix: name.clone(),
@@ -622,4 +628,167 @@ fn missing_topic_is_a_clear_error_not_a_hang() {
         "{stderr}"
     );
     assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+/// Distinct (device, seq) pairs in `records`.
+fn readings_seen(records: &[OwnedMessage]) -> std::collections::BTreeSet<(String, u64)> {
+    records
+        .iter()
+        .map(|m| {
+            let v: serde_json::Value =
+                serde_json::from_slice(m.payload().expect("value")).expect("json");
+            (
+                v["device_id"].as_str().expect("id").to_string(),
+                v["seq"].as_u64().expect("seq"),
+            )
+        })
+        .collect()
+}
+
+fn readyz(s: &Setup) -> (u16, String) {
+    common::http_get(&s.http, "/readyz").unwrap_or((0, String::new()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_down_at_start_and_for_20s_mid_stream_loses_nothing() {
+    let mut s = Setup::bare("gw-kafka-outage");
+    let stack = common::PrivateStack::new(&s.dir);
+    // A Kafka of our own (with its topics), stopped before the gateway starts.
+    stack.run(&["up", "kafka"]);
+    stack.run(&["down", "kafka"]);
+    s.topic = "weather".into();
+    s.dlq = "weather.dlq".into();
+    let kafka = stack.kafka_bootstrap();
+    let mut gw = s.start_with(&common::mqtt_broker(), &kafka, &[], "gateway");
+    let http = s.http.clone();
+    let up = common::eventually(Duration::from_secs(20), || {
+        matches!(common::http_get(&http, "/healthz"), Ok((200, _)))
+    })
+    .await;
+    assert!(
+        up && gw.is_running(),
+        "gateway must run without Kafka; log:\n{}",
+        gw.log_text()
+    );
+    let subscribed = common::eventually(Duration::from_secs(20), || {
+        s.metric("gateway_mqtt_connected", &[]) == 1.0
+    })
+    .await;
+    assert!(subscribed, "MQTT subscribed while Kafka is down");
+    let (code, body) = readyz(&s);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("Kafka not reachable"), "{body}");
+
+    // Readings published while Kafka is down wait, unacknowledged.
+    let (host, port) = common::mqtt_host_port();
+    let batch_a = readings(&s, 10, 1..=50);
+    publish_all(&host, port, &batch_a, None).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        s.metric("gateway_mqtt_acks_total", &[]),
+        0.0,
+        "nothing acked without Kafka"
+    );
+    stack.run(&["up", "kafka"]);
+    s.wait_ready(&mut gw).await;
+    let got = common::consume_from(
+        &kafka,
+        "weather",
+        batch_a.len(),
+        Duration::from_secs(60),
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(
+        readings_seen(&got).len(),
+        batch_a.len(),
+        "log:\n{}",
+        gw.log_text()
+    );
+
+    // Mid-stream: ~30 s of readings at ~100/s; Kafka stops for 20 s in the middle.
+    let batch_b = readings(&s, 10, 51..=350);
+    let publisher = {
+        let (host, msgs) = (host.clone(), batch_b.clone());
+        tokio::spawn(async move {
+            publish_all(&host, port, &msgs, Some(Duration::from_millis(10))).await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stack.run(&["down", "kafka"]);
+    let down_at = std::time::Instant::now();
+    let noticed = common::eventually(Duration::from_secs(15), || readyz(&s).0 == 503).await;
+    assert!(noticed, "/readyz must report Kafka down");
+    assert!(gw.is_running());
+    assert_eq!(
+        s.metric("gateway_mqtt_connected", &[]),
+        1.0,
+        "MQTT stays connected"
+    );
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(down_at.elapsed())).await;
+    stack.run(&["up", "kafka"]);
+    publisher.await.expect("publisher");
+    let all = batch_a.len() + batch_b.len();
+    let got = common::consume_from(
+        &kafka,
+        "weather",
+        all,
+        Duration::from_secs(120),
+        Duration::from_secs(2),
+    )
+    .await;
+    let seen = readings_seen(&got);
+    assert_eq!(
+        seen.len(),
+        all,
+        "every reading reached Kafka; log:\n{}",
+        gw.log_text()
+    );
+    assert_eq!(readyz(&s).0, 200);
+    assert_eq!(
+        gw.terminate(Duration::from_secs(20)).map(|st| st.code()),
+        Some(Some(0))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mosquitto_restart_mid_stream_reconnects_and_resumes() {
+    let s = Setup::new("gw-mqtt-restart").await;
+    let stack = common::PrivateStack::new(&s.dir);
+    stack.run(&["up", "mosquitto"]);
+    let mut gw = s.start_with(
+        &stack.mqtt_url(),
+        &common::kafka_bootstrap(),
+        &[],
+        "gateway",
+    );
+    s.wait_ready(&mut gw).await;
+    let batch_a = readings(&s, 10, 1..=100);
+    publish_all("127.0.0.1", stack.mqtt_port, &batch_a, None).await;
+    stack.run(&["down", "mosquitto"]);
+    let http = s.http.clone();
+    let noticed = common::eventually(Duration::from_secs(10), || {
+        matches!(common::http_get(&http, "/readyz"), Ok((503, _)))
+    })
+    .await;
+    assert!(noticed, "/readyz must report MQTT down");
+    stack.run(&["up", "mosquitto"]);
+    s.wait_ready(&mut gw).await;
+    let batch_b = readings(&s, 10, 101..=200);
+    publish_all("127.0.0.1", stack.mqtt_port, &batch_b, None).await;
+    let all = batch_a.len() + batch_b.len();
+    let got = common::consume(
+        &s.topic,
+        all,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(readings_seen(&got).len(), all, "log:\n{}", gw.log_text());
+    assert!(s.metric("gateway_mqtt_reconnects_total", &[]) >= 1.0);
+    assert_eq!(s.metric("gateway_mqtt_connected", &[]), 1.0);
+    assert_eq!(
+        gw.terminate(Duration::from_secs(20)).map(|st| st.code()),
+        Some(Some(0))
+    );
 }

@@ -155,7 +155,7 @@ impl GatewayMetrics {
                 "Payloads accepted and not yet acknowledged by Kafka.",
             ),
             latency,
-            mqtt_connected: gauge(&r, "gateway_mqtt_connected", "1 while connected to the MQTT broker."),
+            mqtt_connected: gauge(&r, "gateway_mqtt_connected", "1 while connected to the MQTT broker and subscribed to every topic filter."),
             mqtt_reconnects: counter(
                 &r,
                 "gateway_mqtt_reconnects_total",
@@ -250,8 +250,8 @@ impl GatewayMetrics {
         self.seq_repeats.inc();
     }
 
-    pub fn mqtt_up(&self, url: &str, session_present: bool) {
-        info!(url, session_present, "MQTT connected");
+    pub fn mqtt_up(&self, url: &str) {
+        info!(url, "MQTT subscribed; receiving");
         self.mqtt_connected.set(1);
     }
 

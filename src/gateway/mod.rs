@@ -14,7 +14,6 @@ pub mod seq;
 pub mod simulated;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -72,32 +71,24 @@ pub enum GatewayError {
     Mqtt(String),
 }
 
-/// Readiness flags read by `/readyz`.
-#[derive(Debug, Default)]
-struct Health {
-    kafka: AtomicBool,
-    mqtt: AtomicBool,
-}
-
 /// Runs the gateway until `shutdown` is cancelled, then drains: stops intake,
 /// waits (up to the grace period) for in-flight deliveries, acknowledges what
 /// was delivered and disconnects. What was not delivered stays unacknowledged.
 pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), GatewayError> {
     let metrics = GatewayMetrics::new();
-    let health = Arc::new(Health::default());
 
     let listener = crate::http::bind(&cfg.http.listen, "http.listen")
         .await
         .map_err(GatewayError::Http)?;
     info!(addr = %cfg.http.listen, "serving /metrics, /healthz, /readyz");
     let ready = {
-        let (h, mqtt_on) = (health.clone(), cfg.mqtt.enabled);
+        let (m, mqtt_on) = (metrics.clone(), cfg.mqtt.enabled);
         Arc::new(move || {
             let mut why = Vec::new();
-            if !h.kafka.load(Ordering::Relaxed) {
+            if m.kafka_reachable.get() != 1 {
                 why.push("Kafka not reachable".to_string());
             }
-            if mqtt_on && !h.mqtt.load(Ordering::Relaxed) {
+            if mqtt_on && m.mqtt_connected.get() != 1 {
                 why.push("MQTT not connected".to_string());
             }
             if why.is_empty() {
@@ -116,23 +107,31 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
 
     let (producer, reports) = kafka::producer(&cfg.kafka)?;
     let producer = Arc::new(producer);
-    check_topics(&cfg, &producer, &health, &metrics).await?;
-    let probe_stop = CancellationToken::new();
-    let (fatal_tx, mut fatal_rx) = mpsc::channel::<GatewayError>(1);
-    tokio::spawn(probe_kafka(
-        cfg.clone(),
-        producer.clone(),
-        health.clone(),
-        metrics.clone(),
-        probe_stop.clone(),
-        fatal_tx,
-    ));
-
+    // MQTT first: the broker starts keeping our messages as soon as we are
+    // subscribed, even while Kafka is still being checked (nothing is acked
+    // until Kafka has it).
     let mut mqtt = if cfg.mqtt.enabled {
         Some(mqtt::start(&cfg.mqtt, metrics.clone()).map_err(GatewayError::Mqtt)?)
     } else {
         None
     };
+    if let Err(e) = check_topics(&cfg, &producer, &metrics).await {
+        if let Some(m) = mqtt {
+            m.stop.cancel();
+            m.acker.disconnect().await;
+        }
+        return Err(e);
+    }
+    let probe_stop = CancellationToken::new();
+    let (fatal_tx, mut fatal_rx) = mpsc::channel::<GatewayError>(1);
+    tokio::spawn(probe_kafka(
+        cfg.clone(),
+        producer.clone(),
+        metrics.clone(),
+        probe_stop.clone(),
+        fatal_tx,
+    ));
+
     let sim = (cfg.simulate.devices > 0).then(|| simulated::start(&cfg.simulate, shutdown.clone()));
     info!(
         mqtt = cfg.mqtt.enabled,
@@ -142,7 +141,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         "gateway running"
     );
 
-    let mut pipeline = Pipeline::new(&cfg, producer.clone(), metrics.clone(), health.clone());
+    let mut pipeline = Pipeline::new(&cfg, producer.clone(), metrics.clone());
     let (mut mqtt_rx, acker) = match mqtt.as_mut() {
         Some(m) => {
             let (_, rx) = mpsc::unbounded_channel();
@@ -195,7 +194,6 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
 async fn check_topics(
     cfg: &GatewayConfig,
     producer: &Arc<GatewayProducer>,
-    health: &Health,
     metrics: &GatewayMetrics,
 ) -> Result<(), GatewayError> {
     if cfg.kafka.create_topics {
@@ -209,7 +207,6 @@ async fn check_topics(
     }
     match topics_state(cfg, producer.clone(), Duration::from_secs(5)).await {
         Ok(None) => {
-            health.kafka.store(true, Ordering::Relaxed);
             metrics.kafka_reachable.set(1);
             Ok(())
         }
@@ -249,7 +246,6 @@ async fn topics_state(
 async fn probe_kafka(
     cfg: GatewayConfig,
     producer: Arc<GatewayProducer>,
-    health: Arc<Health>,
     metrics: GatewayMetrics,
     stop: CancellationToken,
     fatal: mpsc::Sender<GatewayError>,
@@ -265,14 +261,13 @@ async fn probe_kafka(
         }
         metrics.kafka_queue_depth.set(kafka::queue_depth(&producer));
         let state = topics_state(&cfg, producer.clone(), Duration::from_secs(3)).await;
-        let was = health.kafka.load(Ordering::Relaxed);
+        let was = metrics.kafka_reachable.get() == 1;
         match state {
             Ok(None) => {
                 missing_probes = 0;
                 if !was {
                     info!(servers = %cfg.kafka.bootstrap_servers, "Kafka reachable");
                 }
-                health.kafka.store(true, Ordering::Relaxed);
                 metrics.kafka_reachable.set(1);
             }
             Ok(Some(topic)) if missing_probes < 3 => {
@@ -292,7 +287,6 @@ async fn probe_kafka(
                 if was {
                     warn!(servers = %cfg.kafka.bootstrap_servers, error = %e, "Kafka not reachable; holding readings until it is back");
                 }
-                health.kafka.store(false, Ordering::Relaxed);
                 metrics.kafka_reachable.set(0);
             }
         }
@@ -311,7 +305,6 @@ struct Pipeline {
     cfg: GatewayConfig,
     producer: Arc<GatewayProducer>,
     metrics: GatewayMetrics,
-    health: Arc<Health>,
     tracker: AckTracker,
     seqs: SeqTracker,
     /// Accepted and not yet finished (delivered, dead-lettered or dropped).
@@ -323,12 +316,7 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    fn new(
-        cfg: &GatewayConfig,
-        producer: Arc<GatewayProducer>,
-        metrics: GatewayMetrics,
-        health: Arc<Health>,
-    ) -> Self {
+    fn new(cfg: &GatewayConfig, producer: Arc<GatewayProducer>, metrics: GatewayMetrics) -> Self {
         let window = match cfg.kafka.delivery_mode {
             DeliveryMode::Async => cfg.kafka.max_in_flight,
             DeliveryMode::Sync => 1,
@@ -337,7 +325,6 @@ impl Pipeline {
             cfg: cfg.clone(),
             producer,
             metrics,
-            health,
             tracker: AckTracker::new(),
             seqs: SeqTracker::default(),
             in_flight: 0,
@@ -428,10 +415,7 @@ impl Pipeline {
 
     fn on_event(&mut self, ev: SourceEvent) {
         match ev {
-            SourceEvent::Connected => {
-                self.health.mqtt.store(true, Ordering::Relaxed);
-                self.tracker.reset();
-            }
+            SourceEvent::Connected => self.tracker.reset(),
             SourceEvent::Message(m) => self.on_message(m),
         }
     }

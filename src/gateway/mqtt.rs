@@ -244,12 +244,14 @@ async fn event_loop(
     let max = Duration::from_millis(cfg.reconnect_max_ms);
     let mut backoff = min;
     let mut connected = false;
+    let mut subacks = 0;
     loop {
         match el.poll().await {
             Ok(Polled::ConnAck { session_present }) => {
                 connected = true;
                 backoff = min;
-                metrics.mqtt_up(&cfg.url, session_present);
+                subacks = 0;
+                tracing::info!(url = %cfg.url, session_present, "MQTT connected; subscribing");
                 // A new connection: the broker redelivers whatever was not acked.
                 let _ = tx.send(SourceEvent::Connected);
                 acker.subscribe_all(&cfg.topics);
@@ -261,6 +263,13 @@ async fn event_loop(
             }
             Ok(Polled::SubAck { refused }) if refused > 0 => {
                 tracing::error!(topics = ?cfg.topics, refused, "the broker refused a subscription (check its ACL)");
+            }
+            Ok(Polled::SubAck { .. }) => {
+                subacks += 1;
+                // Ready only once every filter is subscribed.
+                if subacks == cfg.topics.len() {
+                    metrics.mqtt_up(&cfg.url);
+                }
             }
             Ok(Polled::Disconnecting) => break,
             Ok(_) => {}

@@ -262,10 +262,20 @@ pub async fn consume(
     timeout: Duration,
     settle: Duration,
 ) -> Vec<rdkafka::message::OwnedMessage> {
+    consume_from(&kafka_bootstrap(), topic, want, timeout, settle).await
+}
+
+/// [`consume`] from another cluster.
+pub async fn consume_from(
+    bootstrap: &str,
+    topic: &str,
+    want: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<rdkafka::message::OwnedMessage> {
     use rdkafka::consumer::StreamConsumer;
-    use rdkafka::Message;
     let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_bootstrap())
+        .set("bootstrap.servers", bootstrap)
         .set("group.id", unique_name("test-reader"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
@@ -387,5 +397,66 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
             return false;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// ------------------------------------------------------------------ a private stack
+
+/// A second instance of a stack service (own ports, own data dir), started and
+/// stopped with the project's own `scripts/stack`, for tests that stop brokers.
+pub struct PrivateStack {
+    pub dir: std::path::PathBuf,
+    pub kafka_port: u16,
+    pub controller_port: u16,
+    pub mqtt_port: u16,
+}
+
+impl PrivateStack {
+    pub fn new(dir: &std::path::Path) -> Self {
+        PrivateStack {
+            dir: dir.join("stack"),
+            kafka_port: free_port(),
+            controller_port: free_port(),
+            mqtt_port: free_port(),
+        }
+    }
+
+    pub fn kafka_bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.kafka_port)
+    }
+
+    pub fn mqtt_url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.mqtt_port)
+    }
+
+    /// Runs `scripts/stack ARGS` for this instance; panics with its output on failure.
+    pub fn run(&self, args: &[&str]) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack");
+        let out = std::process::Command::new(script)
+            .args(args)
+            .env("STACK_DIR", &self.dir)
+            .env("KAFKA_PORT", self.kafka_port.to_string())
+            .env("KAFKA_CONTROLLER_PORT", self.controller_port.to_string())
+            .env("MQTT_PORT", self.mqtt_port.to_string())
+            .env_remove("STACK_STARTED_FILE")
+            .output()
+            .expect("run scripts/stack");
+        assert!(
+            out.status.success(),
+            "scripts/stack {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for PrivateStack {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack");
+        let _ = std::process::Command::new(script)
+            .args(["down"])
+            .env("STACK_DIR", &self.dir)
+            .env_remove("STACK_STARTED_FILE")
+            .output();
     }
 }
