@@ -327,7 +327,10 @@ impl Fleet {
                 }
                 None => out.push(self.valid(index, now_ms, sim_ms, None)),
             },
-            Some(Fault::OutOfOrderTs) if self.spec.style == Style::Canonical => {
+            // Out of order needs an earlier reading to be out of order with.
+            Some(Fault::OutOfOrderTs)
+                if self.spec.style == Style::Canonical && self.devices[index].last_ts_ms > 0 =>
+            {
                 out.push(self.valid(index, now_ms, sim_ms, Some(Fault::OutOfOrderTs)))
             }
             Some(Fault::OutOfOrderTs) => out.push(self.valid(index, now_ms, sim_ms, None)),
