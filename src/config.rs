@@ -560,6 +560,146 @@ fn toml_value(v: &serde_json::Value) -> String {
     }
 }
 
+// ------------------------------------------------------------------ aggregator
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregatorConfig {
+    pub kafka: ConsumerConfig,
+    pub aggregation: crate::aggregator::state::AggregationConfig,
+    /// Checks applied to consumed records (other producers' data too).
+    pub validation: Limits,
+    pub metrics: AggregatorMetricsConfig,
+    pub http: AggregatorHttpConfig,
+    pub log: LogConfig,
+}
+
+impl Default for AggregatorConfig {
+    fn default() -> Self {
+        AggregatorConfig {
+            kafka: ConsumerConfig::default(),
+            aggregation: Default::default(),
+            validation: Limits {
+                max_payload_bytes: 65_536,
+                // Replaying history is normal for a consumer: no lower bound.
+                max_past_secs: 100 * 365 * 24 * 3600,
+                ..Limits::default()
+            },
+            metrics: AggregatorMetricsConfig::default(),
+            http: AggregatorHttpConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerConfig {
+    pub bootstrap_servers: String,
+    pub topic: String,
+    pub group_id: String,
+    /// Where a group without committed offsets starts: earliest or latest.
+    pub auto_offset_reset: String,
+    /// Any librdkafka consumer property, passed through as is.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            topic: "weather".into(),
+            group_id: "weather-aggregator".into(),
+            auto_offset_reset: "earliest".into(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregatorMetricsConfig {
+    /// Devices exported with a `device` label on /metrics (the first N by id);
+    /// the rest are counted in aggregator_devices_not_exported.
+    pub max_devices: usize,
+}
+
+impl Default for AggregatorMetricsConfig {
+    fn default() -> Self {
+        AggregatorMetricsConfig {
+            max_devices: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregatorHttpConfig {
+    /// /metrics, /healthz, /readyz and /api.
+    pub listen: String,
+}
+
+impl Default for AggregatorHttpConfig {
+    fn default() -> Self {
+        AggregatorHttpConfig {
+            listen: "127.0.0.1:9311".into(),
+        }
+    }
+}
+
+impl AggregatorConfig {
+    /// Loads the file (if any) and `AGGREGATOR__*` variables, then validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let cfg: AggregatorConfig = load(path, "AGGREGATOR", &[])?;
+        cfg.validate(path.unwrap_or(Path::new("built-in defaults")))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self, origin: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(invalid(origin, key, why));
+        let k = &self.kafka;
+        if k.bootstrap_servers.trim().is_empty() {
+            return bad("kafka.bootstrap_servers", "must not be empty");
+        }
+        if k.topic.is_empty() {
+            return bad("kafka.topic", "must not be empty");
+        }
+        if k.group_id.is_empty() {
+            return bad("kafka.group_id", "must not be empty");
+        }
+        if !["earliest", "latest"].contains(&k.auto_offset_reset.as_str()) {
+            return bad("kafka.auto_offset_reset", "must be earliest or latest");
+        }
+        let a = &self.aggregation;
+        if a.window_secs == 0 {
+            return bad("aggregation.window_secs", "must be at least 1");
+        }
+        if a.windows_kept == 0 {
+            return bad("aggregation.windows_kept", "must be at least 1");
+        }
+        if a.offline_after_secs == 0 {
+            return bad("aggregation.offline_after_secs", "must be at least 1");
+        }
+        self.http
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| {
+                invalid(
+                    origin,
+                    "http.listen",
+                    format!("{:?}: {e}", self.http.listen),
+                )
+            })?;
+        Ok(())
+    }
+
+    pub fn to_masked_toml(&self) -> String {
+        let mut c = self.clone();
+        mask_properties(&mut c.kafka.properties);
+        toml_string(&c)
+    }
+}
+
 /// Path given on the command line, or the default file when it exists.
 pub fn resolve_path(given: Option<PathBuf>, default: &str) -> Option<PathBuf> {
     given.or_else(|| {

@@ -16,25 +16,39 @@ use tokio_util::sync::CancellationToken;
 /// Readiness: `Ok(())` or the reasons the service is not ready.
 pub type ReadyFn = Arc<dyn Fn() -> Result<(), Vec<String>> + Send + Sync>;
 
+/// Appends series that are not in the registry (written at scrape time).
+pub type ExtraMetricsFn = Arc<dyn Fn(&mut String) + Send + Sync>;
+
 #[derive(Clone)]
 struct BaseState {
     registry: Registry,
     ready: ReadyFn,
+    extra: Option<ExtraMetricsFn>,
 }
 
 /// Router with `/metrics`, `/healthz` and `/readyz`.
-pub fn base_router(registry: Registry, ready: ReadyFn) -> Router {
+pub fn base_router(registry: Registry, ready: ReadyFn, extra: Option<ExtraMetricsFn>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(BaseState { registry, ready })
+        .with_state(BaseState {
+            registry,
+            ready,
+            extra,
+        })
 }
 
 async fn metrics(State(s): State<BaseState>) -> Response {
-    let body = tokio::task::spawn_blocking(move || crate::telemetry::encode(&s.registry))
-        .await
-        .unwrap_or_default();
+    let body = tokio::task::spawn_blocking(move || {
+        let mut text = crate::telemetry::encode(&s.registry);
+        if let Some(extra) = &s.extra {
+            extra(&mut text);
+        }
+        text
+    })
+    .await
+    .unwrap_or_default();
     (
         [(
             header::CONTENT_TYPE,

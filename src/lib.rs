@@ -13,6 +13,7 @@
 //! - [`config`]: typed config, file + environment, validated without I/O.
 //! - [`telemetry`], [`http`]: logs, metrics encoding, the `/metrics` `/healthz` `/readyz` server.
 
+pub mod aggregator;
 pub mod config;
 pub mod fleet;
 pub mod gateway;

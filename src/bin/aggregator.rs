@@ -1,5 +1,104 @@
-//! `aggregator`: not implemented yet (see README, "Status").
-fn main() {
-    eprintln!("aggregator: not implemented yet");
-    std::process::exit(2);
+//! `aggregator`: consumes `weather`, serves per-device and fleet aggregates as
+//! Prometheus metrics and JSON. Thin: parse the command line, load the config, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use iot_gateway::config::{resolve_path, AggregatorConfig, LogFormat};
+
+const DEFAULT_CONFIG: &str = "configs/aggregator.toml";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "aggregator",
+    version,
+    about = "Consumer-group service: aggregates the readings in Kafka and serves them as Prometheus metrics and JSON."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the aggregator (the default command).
+    Run(RunArgs),
+    /// Validate the configuration and print the effective values (secrets masked).
+    CheckConfig(ConfigArg),
+}
+
+#[derive(clap::Args, Debug, Clone, Default)]
+struct ConfigArg {
+    /// Config file (TOML). Default: configs/aggregator.toml when it exists, else
+    /// built-in defaults. AGGREGATOR__SECTION__KEY variables override it.
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug, Clone, Default)]
+struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn load(args: &ConfigArg) -> Result<AggregatorConfig, String> {
+    let path = resolve_path(args.config.clone(), DEFAULT_CONFIG);
+    AggregatorConfig::load(path.as_deref()).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig(args)) => match load(&args) {
+            Ok(cfg) => {
+                print!("{}", cfg.to_masked_toml());
+                eprintln!("configuration OK");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("aggregator: invalid configuration: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Some(Command::Run(args)) => run(args),
+        None => run(cli.run),
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let mut cfg = match load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("aggregator: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.log_json {
+        cfg.log.format = LogFormat::Json;
+    }
+    iot_gateway::telemetry::init_tracing(cfg.log.format, &cfg.log.level);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("aggregator: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        let shutdown = iot_gateway::shutdown::on_signals();
+        match iot_gateway::aggregator::run(cfg, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("aggregator: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }

@@ -101,7 +101,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     let http_stop = CancellationToken::new();
     let http_task = tokio::spawn(crate::http::serve(
         listener,
-        crate::http::base_router(metrics.registry.clone(), ready),
+        crate::http::base_router(metrics.registry.clone(), ready, None),
         http_stop.clone(),
     ));
 

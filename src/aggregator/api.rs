@@ -1,0 +1,129 @@
+//! HTTP for the aggregator: `/metrics`, `/healthz`, `/readyz` (partitions
+//! assigned), and the JSON API `GET /api/devices` and `GET /api/devices/{id}`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::state::{DeviceState, Window};
+use super::Shared;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    let ready = {
+        let s = shared.clone();
+        Arc::new(move || {
+            if s.metrics.assigned.get() > 0 {
+                Ok(())
+            } else {
+                Err(vec!["no partitions assigned (yet)".to_string()])
+            }
+        })
+    };
+    let extra = {
+        let s = shared.clone();
+        Arc::new(move |out: &mut String| {
+            let state = s.state();
+            super::metrics::render_devices(&state, s.max_devices, super::now_ms(), out);
+        })
+    };
+    let api = Router::new()
+        .route("/api/devices", get(list))
+        .route("/api/devices/{id}", get(one))
+        .with_state(shared.clone());
+    crate::http::base_router(shared.metrics.registry.clone(), ready, Some(extra)).merge(api)
+}
+
+#[derive(Serialize)]
+struct DeviceSummary<'a> {
+    device_id: &'a str,
+    temperature: f64,
+    humidity: f64,
+    dew_point: f64,
+    /// RFC 3339 event time of the newest reading.
+    last_seen: String,
+    count: u64,
+    online: bool,
+    partition: i32,
+}
+
+fn summary<'a>(id: &'a str, d: &DeviceState, online: bool) -> DeviceSummary<'a> {
+    DeviceSummary {
+        device_id: id,
+        temperature: d.temperature,
+        humidity: d.humidity,
+        dew_point: round2(d.dew_point()),
+        last_seen: crate::reading::format_ts(d.last_ts_ms),
+        count: d.count,
+        online,
+        partition: d.partition,
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+async fn list(State(shared): State<Arc<Shared>>) -> Response {
+    let state = shared.state();
+    let now = super::now_ms();
+    let devices: Vec<DeviceSummary<'_>> = state
+        .sorted()
+        .into_iter()
+        .map(|(id, d)| summary(id, d, state.is_online(d, now)))
+        .collect();
+    Json(serde_json::json!({ "count": devices.len(), "devices": devices })).into_response()
+}
+
+#[derive(Deserialize)]
+struct WindowsQuery {
+    /// How many of the newest windows to return (default 10).
+    windows: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct WindowOut<'a> {
+    start: String,
+    end: String,
+    #[serde(flatten)]
+    w: &'a Window,
+}
+
+async fn one(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    Query(q): Query<WindowsQuery>,
+) -> Response {
+    let state = shared.state();
+    let Some(d) = state.devices.get(&id) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({
+                "error": "unknown device",
+                "device_id": id,
+                "hint": "GET /api/devices lists the devices this instance aggregates"
+            })),
+        )
+            .into_response();
+    };
+    let n = q.windows.unwrap_or(10);
+    let all: Vec<&Window> = d.windows().collect();
+    let windows: Vec<WindowOut<'_>> = all[all.len().saturating_sub(n)..]
+        .iter()
+        .map(|w| WindowOut {
+            start: crate::reading::format_ts(w.start_ms),
+            end: crate::reading::format_ts(w.end_ms),
+            w,
+        })
+        .collect();
+    let now = super::now_ms();
+    Json(serde_json::json!({
+        "device": summary(&id, d, state.is_online(d, now)),
+        "windows": windows,
+    }))
+    .into_response()
+}

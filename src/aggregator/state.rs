@@ -1,0 +1,444 @@
+//! Aggregation state (pure: no I/O, time passed in). Per device: last values,
+//! count, dew point and tumbling event-time windows; per partition: the highest
+//! applied offset, so a replay is never applied twice.
+//!
+//! Window rule: a reading with event time `ts` belongs to the window
+//! `[ts - ts % size, +size)`. A device's watermark is its highest event time
+//! minus the allowed lateness; windows ending at or before it are closed, and a
+//! reading for a closed window is counted as `late` and kept out of windows
+//! (it still updates the last values and the count).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde::Serialize;
+
+/// Aggregation settings (the `[aggregation]` config section).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregationConfig {
+    /// Tumbling window size.
+    pub window_secs: u64,
+    /// How long after a window's end late readings are still added to it.
+    pub allowed_lateness_secs: u64,
+    /// Closed windows kept per device (served by the JSON API).
+    pub windows_kept: usize,
+    /// A device silent for longer than this is offline.
+    pub offline_after_secs: u64,
+    /// A `seq` at most this far below a device's last one is a replay and
+    /// skipped; further below, the device restarted its counter.
+    pub seq_replay_window: u64,
+}
+
+impl Default for AggregationConfig {
+    fn default() -> Self {
+        AggregationConfig {
+            window_secs: 60,
+            allowed_lateness_secs: 10,
+            windows_kept: 10,
+            offline_after_secs: 60,
+            seq_replay_window: 1000,
+        }
+    }
+}
+
+/// min/max/mean accumulator.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Stat {
+    pub min: f64,
+    pub max: f64,
+    pub mean: f64,
+    #[serde(skip)]
+    sum: f64,
+    #[serde(skip)]
+    n: u64,
+}
+
+impl Stat {
+    fn new(x: f64) -> Self {
+        Stat {
+            min: x,
+            max: x,
+            mean: x,
+            sum: x,
+            n: 1,
+        }
+    }
+
+    fn add(&mut self, x: f64) {
+        self.min = self.min.min(x);
+        self.max = self.max.max(x);
+        self.sum += x;
+        self.n += 1;
+        self.mean = self.sum / self.n as f64;
+    }
+}
+
+/// One tumbling window of one device.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Window {
+    /// Start, epoch ms (inclusive).
+    pub start_ms: i64,
+    /// End, epoch ms (exclusive).
+    pub end_ms: i64,
+    pub count: u64,
+    pub temperature: Stat,
+    pub humidity: Stat,
+    pub closed: bool,
+}
+
+/// Everything known about one device.
+#[derive(Debug, Clone)]
+pub struct DeviceState {
+    pub partition: i32,
+    pub temperature: f64,
+    pub humidity: f64,
+    /// Event time of the newest reading, epoch ms.
+    pub last_ts_ms: i64,
+    /// Wall-clock time the newest reading was applied, epoch ms.
+    pub last_seen_ms: i64,
+    pub count: u64,
+    last_seq: Option<u64>,
+    max_ts_ms: i64,
+    /// Open windows, oldest first.
+    open: VecDeque<Window>,
+    /// Closed windows, oldest first, at most `windows_kept`.
+    closed: VecDeque<Window>,
+}
+
+impl DeviceState {
+    pub fn dew_point(&self) -> f64 {
+        dew_point(self.temperature, self.humidity)
+    }
+
+    /// Closed windows then open ones, oldest first.
+    pub fn windows(&self) -> impl Iterator<Item = &Window> {
+        self.closed.iter().chain(self.open.iter())
+    }
+
+    /// The newest closed window.
+    pub fn last_closed(&self) -> Option<&Window> {
+        self.closed.back()
+    }
+}
+
+/// Dew point (deg C) by the Magnus formula (Alduchov & Eskridge constants).
+pub fn dew_point(t: f64, rh: f64) -> f64 {
+    const A: f64 = 17.625;
+    const B: f64 = 243.04;
+    let rh = rh.clamp(0.01, 100.0);
+    let gamma = (rh / 100.0).ln() + A * t / (B + t);
+    B * gamma / (A - gamma)
+}
+
+/// A reading ready to apply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    pub device: String,
+    pub temperature: f64,
+    pub humidity: f64,
+    pub ts_ms: i64,
+    pub seq: Option<u64>,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// What applying a reading did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    /// Counted, but its window was already closed.
+    AppliedLate,
+    /// At or below the partition's applied offset: a replay.
+    ReplayedOffset,
+    /// `seq` not newer than the device's last one (within the replay window).
+    DuplicateSeq,
+}
+
+#[derive(Debug, Default)]
+pub struct State {
+    pub cfg: AggregationConfig,
+    pub devices: HashMap<String, DeviceState>,
+    /// Highest applied offset per partition.
+    applied: HashMap<i32, i64>,
+}
+
+impl State {
+    pub fn new(cfg: AggregationConfig) -> Self {
+        State {
+            cfg,
+            ..State::default()
+        }
+    }
+
+    pub fn apply(&mut self, r: Applied, now_ms: i64) -> Outcome {
+        if self
+            .applied
+            .get(&r.partition)
+            .is_some_and(|&o| r.offset <= o)
+        {
+            return Outcome::ReplayedOffset;
+        }
+        self.applied.insert(r.partition, r.offset);
+        let size = (self.cfg.window_secs.max(1) * 1000) as i64;
+        let lateness = (self.cfg.allowed_lateness_secs * 1000) as i64;
+        let kept = self.cfg.windows_kept;
+        let replay_window = self.cfg.seq_replay_window;
+        let d = self.devices.entry(r.device).or_insert_with(|| DeviceState {
+            partition: r.partition,
+            temperature: r.temperature,
+            humidity: r.humidity,
+            last_ts_ms: r.ts_ms,
+            last_seen_ms: now_ms,
+            count: 0,
+            last_seq: None,
+            max_ts_ms: i64::MIN,
+            open: VecDeque::new(),
+            closed: VecDeque::new(),
+        });
+        if let (Some(seq), Some(last)) = (r.seq, d.last_seq) {
+            if seq <= last && last - seq <= replay_window {
+                return Outcome::DuplicateSeq;
+            }
+        }
+        if r.seq.is_some() {
+            d.last_seq = r.seq;
+        }
+        d.partition = r.partition;
+        d.count += 1;
+        d.last_seen_ms = now_ms;
+        if r.ts_ms >= d.last_ts_ms || d.count == 1 {
+            d.temperature = r.temperature;
+            d.humidity = r.humidity;
+            d.last_ts_ms = r.ts_ms;
+        }
+        d.max_ts_ms = d.max_ts_ms.max(r.ts_ms);
+        let watermark = d.max_ts_ms - lateness;
+        let start = r.ts_ms - r.ts_ms.rem_euclid(size);
+        let outcome = if start + size <= watermark {
+            Outcome::AppliedLate
+        } else {
+            match d.open.iter_mut().find(|w| w.start_ms == start) {
+                Some(w) => {
+                    w.count += 1;
+                    w.temperature.add(r.temperature);
+                    w.humidity.add(r.humidity);
+                }
+                None => {
+                    let w = Window {
+                        start_ms: start,
+                        end_ms: start + size,
+                        count: 1,
+                        temperature: Stat::new(r.temperature),
+                        humidity: Stat::new(r.humidity),
+                        closed: false,
+                    };
+                    let at = d
+                        .open
+                        .iter()
+                        .position(|o| o.start_ms > start)
+                        .unwrap_or(d.open.len());
+                    d.open.insert(at, w);
+                }
+            }
+            Outcome::Applied
+        };
+        while d.open.front().is_some_and(|w| w.end_ms <= watermark) {
+            if let Some(mut w) = d.open.pop_front() {
+                w.closed = true;
+                d.closed.push_back(w);
+                while d.closed.len() > kept {
+                    d.closed.pop_front();
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Forgets revoked partitions and their devices (another instance owns them now).
+    pub fn revoke(&mut self, partitions: &[i32]) {
+        self.devices
+            .retain(|_, d| !partitions.contains(&d.partition));
+        for p in partitions {
+            self.applied.remove(p);
+        }
+    }
+
+    /// Devices whose newest reading (event time) is within the offline timeout;
+    /// event time, so a replay of old data does not make a device look alive.
+    pub fn online(&self, now_ms: i64) -> usize {
+        self.devices
+            .values()
+            .filter(|d| self.is_online(d, now_ms))
+            .count()
+    }
+
+    pub fn is_online(&self, d: &DeviceState, now_ms: i64) -> bool {
+        now_ms - d.max_ts_ms <= (self.cfg.offline_after_secs * 1000) as i64
+    }
+
+    /// Devices sorted by id.
+    pub fn sorted(&self) -> BTreeMap<&str, &DeviceState> {
+        self.devices.iter().map(|(k, v)| (k.as_str(), v)).collect()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn r(device: &str, t: f64, h: f64, ts_ms: i64, seq: Option<u64>, offset: i64) -> Applied {
+        Applied {
+            device: device.into(),
+            temperature: t,
+            humidity: h,
+            ts_ms,
+            seq,
+            partition: 0,
+            offset,
+        }
+    }
+
+    #[test]
+    fn dew_point_magnus() {
+        // Reference values: 20 C / 50 % -> 9.3 C; 30 C / 80 % -> 26.2 C.
+        assert!((dew_point(20.0, 50.0) - 9.26).abs() < 0.05);
+        assert!((dew_point(30.0, 80.0) - 26.17).abs() < 0.05);
+        assert!((dew_point(10.0, 100.0) - 10.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn windows_min_max_mean_and_closing() {
+        let mut s = State::new(AggregationConfig {
+            window_secs: 60,
+            allowed_lateness_secs: 0,
+            ..Default::default()
+        });
+        let base = 1_767_225_600_000; // window-aligned
+        assert_eq!(
+            s.apply(r("a", 10.0, 40.0, base, None, 0), 0),
+            Outcome::Applied
+        );
+        assert_eq!(
+            s.apply(r("a", 20.0, 60.0, base + 30_000, None, 1), 0),
+            Outcome::Applied
+        );
+        assert_eq!(
+            s.apply(r("a", 30.0, 50.0, base + 59_999, None, 2), 0),
+            Outcome::Applied
+        );
+        let d = &s.devices["a"];
+        assert!(d.last_closed().is_none());
+        // Next window: closes the first.
+        s.apply(r("a", 5.0, 10.0, base + 60_000, None, 3), 0);
+        let d = &s.devices["a"];
+        let w = d.last_closed().unwrap();
+        assert_eq!((w.start_ms, w.end_ms, w.count), (base, base + 60_000, 3));
+        assert_eq!(
+            (w.temperature.min, w.temperature.max, w.temperature.mean),
+            (10.0, 30.0, 20.0)
+        );
+        assert_eq!(
+            (w.humidity.min, w.humidity.max, w.humidity.mean),
+            (40.0, 60.0, 50.0)
+        );
+        assert_eq!(d.count, 4);
+        assert_eq!((d.temperature, d.humidity), (5.0, 10.0));
+        // Late for the closed window: counted, not windowed.
+        assert_eq!(
+            s.apply(r("a", 99.0, 99.0, base + 1, None, 4), 0),
+            Outcome::AppliedLate
+        );
+        assert_eq!(s.devices["a"].last_closed().unwrap().count, 3);
+        assert_eq!(s.devices["a"].count, 5);
+        assert_eq!(
+            s.devices["a"].temperature, 5.0,
+            "last value is by event time"
+        );
+    }
+
+    #[test]
+    fn lateness_keeps_windows_open() {
+        let mut s = State::new(AggregationConfig {
+            window_secs: 10,
+            allowed_lateness_secs: 5,
+            ..Default::default()
+        });
+        let base = 1_000_000;
+        s.apply(r("a", 1.0, 1.0, base, None, 0), 0);
+        s.apply(r("a", 2.0, 1.0, base + 12_000, None, 1), 0);
+        // Watermark = 7_000 after start: window 0 is still open for late data.
+        assert_eq!(
+            s.apply(r("a", 3.0, 1.0, base + 9_000, None, 2), 0),
+            Outcome::Applied
+        );
+        s.apply(r("a", 2.0, 1.0, base + 15_000, None, 3), 0);
+        let w = s.devices["a"].last_closed().unwrap();
+        assert_eq!((w.count, w.temperature.max), (2, 3.0));
+    }
+
+    #[test]
+    fn replays_are_not_counted_twice() {
+        let mut s = State::new(AggregationConfig::default());
+        assert_eq!(s.apply(r("a", 1.0, 1.0, 0, None, 5), 0), Outcome::Applied);
+        assert_eq!(
+            s.apply(r("a", 1.0, 1.0, 0, None, 5), 0),
+            Outcome::ReplayedOffset
+        );
+        assert_eq!(
+            s.apply(r("a", 1.0, 1.0, 0, None, 4), 0),
+            Outcome::ReplayedOffset
+        );
+        assert_eq!(
+            s.apply(r("b", 1.0, 1.0, 0, Some(7), 6), 0),
+            Outcome::Applied
+        );
+        assert_eq!(
+            s.apply(r("b", 1.0, 1.0, 0, Some(7), 7), 0),
+            Outcome::DuplicateSeq
+        );
+        assert_eq!(
+            s.apply(r("b", 1.0, 1.0, 0, Some(8), 8), 0),
+            Outcome::Applied
+        );
+        // A counter restart far below is accepted.
+        s.cfg.seq_replay_window = 3;
+        assert_eq!(
+            s.apply(r("b", 1.0, 1.0, 0, Some(1), 9), 0),
+            Outcome::Applied
+        );
+        assert_eq!(s.devices["a"].count, 1);
+        assert_eq!(s.devices["b"].count, 3);
+    }
+
+    #[test]
+    fn revoke_drops_devices_of_the_partition() {
+        let mut s = State::new(AggregationConfig::default());
+        s.apply(r("a", 1.0, 1.0, 0, None, 0), 0);
+        s.apply(
+            Applied {
+                partition: 1,
+                ..r("b", 1.0, 1.0, 0, None, 0)
+            },
+            0,
+        );
+        s.revoke(&[0]);
+        assert!(!s.devices.contains_key("a"));
+        assert!(s.devices.contains_key("b"));
+        // The offset memory went with it: a re-assigned partition starts fresh.
+        assert_eq!(s.apply(r("a", 1.0, 1.0, 0, None, 0), 0), Outcome::Applied);
+    }
+
+    #[test]
+    fn online_offline() {
+        let mut s = State::new(AggregationConfig {
+            offline_after_secs: 10,
+            ..Default::default()
+        });
+        s.apply(r("a", 1.0, 1.0, 1_000, None, 0), 1_000);
+        s.apply(r("b", 1.0, 1.0, 5_000, None, 1), 30_000);
+        assert_eq!(s.online(11_000), 2);
+        assert_eq!(s.online(11_001), 1);
+        assert_eq!(s.online(20_000), 0);
+    }
+}
