@@ -1,0 +1,17 @@
+# Multi-stage build of the project's binaries: gateway, aggregator, simulator.
+FROM rust:1.85-bookworm AS build
+# librdkafka is built from source by rdkafka-sys (needs cmake, make, a C compiler).
+RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --workspace --bins \
+ && mkdir /out && cp target/release/gateway target/release/aggregator target/release/simulator /out/
+
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app
+COPY --from=build /out/ /usr/local/bin/
+COPY configs/gateway.toml configs/aggregator.toml /etc/iot-gateway/
+COPY simulators/scenarios /etc/iot-gateway/scenarios
+USER 10001
+# Override per service (docker-compose.yml does).
+CMD ["gateway", "run", "--config", "/etc/iot-gateway/gateway.toml"]
