@@ -352,9 +352,19 @@ impl Drop for Child {
     }
 }
 
+/// The repository root (these helpers are shared by both workspace packages).
+pub fn repo_root() -> std::path::PathBuf {
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    if here.join("scripts/stack").exists() {
+        here.to_path_buf()
+    } else {
+        here.parent().unwrap_or(here).to_path_buf()
+    }
+}
+
 /// Directory for per-test files (configs, logs): target/test-runs/<name>.
 pub fn test_dir(name: &str) -> std::path::PathBuf {
-    let d = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+    let d = repo_root()
         .join("target/test-runs")
         .join(name);
     std::fs::create_dir_all(&d).expect("test dir");
@@ -409,6 +419,9 @@ pub struct PrivateStack {
     pub kafka_port: u16,
     pub controller_port: u16,
     pub mqtt_port: u16,
+    pub prometheus_port: u16,
+    /// Scrape config for a private Prometheus (default: the project's).
+    pub prometheus_config: Option<std::path::PathBuf>,
 }
 
 impl PrivateStack {
@@ -418,7 +431,13 @@ impl PrivateStack {
             kafka_port: free_port(),
             controller_port: free_port(),
             mqtt_port: free_port(),
+            prometheus_port: free_port(),
+            prometheus_config: None,
         }
+    }
+
+    pub fn prometheus_url(&self) -> String {
+        format!("127.0.0.1:{}", self.prometheus_port)
     }
 
     pub fn kafka_bootstrap(&self) -> String {
@@ -431,13 +450,19 @@ impl PrivateStack {
 
     /// Runs `scripts/stack ARGS` for this instance; panics with its output on failure.
     pub fn run(&self, args: &[&str]) {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack");
+        let script = repo_root().join("scripts/stack");
         let out = std::process::Command::new(script)
             .args(args)
             .env("STACK_DIR", &self.dir)
             .env("KAFKA_PORT", self.kafka_port.to_string())
             .env("KAFKA_CONTROLLER_PORT", self.controller_port.to_string())
             .env("MQTT_PORT", self.mqtt_port.to_string())
+            .env("PROMETHEUS_PORT", self.prometheus_port.to_string())
+            .envs(
+                self.prometheus_config
+                    .iter()
+                    .map(|p| ("PROMETHEUS_CONFIG", p)),
+            )
             .env_remove("STACK_STARTED_FILE")
             .output()
             .expect("run scripts/stack");
@@ -452,7 +477,7 @@ impl PrivateStack {
 
 impl Drop for PrivateStack {
     fn drop(&mut self) {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack");
+        let script = repo_root().join("scripts/stack");
         let _ = std::process::Command::new(script)
             .args(["down"])
             .env("STACK_DIR", &self.dir)
