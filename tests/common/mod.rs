@@ -364,9 +364,7 @@ pub fn repo_root() -> std::path::PathBuf {
 
 /// Directory for per-test files (configs, logs): target/test-runs/<name>.
 pub fn test_dir(name: &str) -> std::path::PathBuf {
-    let d = repo_root()
-        .join("target/test-runs")
-        .join(name);
+    let d = repo_root().join("target/test-runs").join(name);
     std::fs::create_dir_all(&d).expect("test dir");
     d
 }
