@@ -1,0 +1,505 @@
+"""Benchmark harness (run by scripts/bench): every case in one run, against the real
+local stack, so ratios are comparable. Medians of several repetitions, with min/max.
+
+Writes bench/results.json, bench/chart.png and BENCHMARKS.md (full run), or
+bench/out/quick.json (--quick: tiny loads, checks that the harness and its
+delivery verification work, not speed).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+ROOT = Path(__file__).resolve().parent.parent
+REL = ROOT / "target" / os.environ.get("BENCH_PROFILE", "release")
+KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+MQTT_HOST, MQTT_PORT = "127.0.0.1", os.environ.get("MQTT_PORT", "1883")
+MQTT_URL = f"mqtt://{MQTT_HOST}:{MQTT_PORT}"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+RUN_ID = f"{os.getpid()}-{int(time.time())}"
+_counter = 0
+
+
+class BenchError(Exception):
+    pass
+
+
+def log(msg):
+    print(f"[bench] {msg}", flush=True)
+
+
+def unique(prefix):
+    global _counter
+    _counter += 1
+    return f"bench-{prefix}-{RUN_ID}-{_counter}"
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def create_topic(name, partitions=6):
+    admin = AdminClient({"bootstrap.servers": KAFKA})
+    fut = admin.create_topics([NewTopic(name, partitions, 1)])[name]
+    fut.result(30)
+    time.sleep(0.5)
+
+
+def delete_topics(names):
+    if not names:
+        return
+    admin = AdminClient({"bootstrap.servers": KAFKA})
+    for f in admin.delete_topics(list(names)).values():
+        try:
+            f.result(30)
+        except Exception:
+            pass
+
+
+def topic_count(name, partitions=6):
+    c = Consumer({"bootstrap.servers": KAFKA, "group.id": unique("wm")})
+    try:
+        return sum(c.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1] for p in range(partitions))
+    finally:
+        c.close()
+
+
+def verify_topic(name, want, partitions=6):
+    """Reads the whole topic: exactly `want` records, each (device, seq) once."""
+    c = Consumer(
+        {
+            "bootstrap.servers": KAFKA,
+            "group.id": unique("verify"),
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    c.assign([TopicPartition(name, p, 0) for p in range(partitions)])
+    seen, total, deadline = set(), 0, time.time() + 120
+    while total < want and time.time() < deadline:
+        for m in c.consume(10000, timeout=1.0):
+            if m.error():
+                continue
+            total += 1
+            v = json.loads(m.value())
+            seen.add((v["device_id"], v.get("seq")))
+    # Anything beyond `want` (duplicates) shows up within a short settle time.
+    for m in c.consume(10000, timeout=2.0):
+        if not m.error():
+            total += 1
+    c.close()
+    ok = total == want and len(seen) == want
+    return {"records": total, "distinct": len(seen), "expected": want, "ok": ok}
+
+
+def proc_cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_peak_rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def http_get(url, timeout=10):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
+def metric(url, name, labels=None):
+    total, found = 0.0, False
+    for line in http_get(url).splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        series, value = line.rsplit(" ", 1)
+        base = series.split("{", 1)[0]
+        if base != name:
+            continue
+        if labels and not all(f'{k}="{v}"' in series for k, v in labels.items()):
+            continue
+        total += float(value)
+        found = True
+    return total if found else None
+
+
+def histogram(url, name):
+    """Cumulative bucket counts {le: count} of a histogram."""
+    out = {}
+    for line in http_get(url).splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def quantiles(before, after, qs):
+    """Quantiles from the bucket deltas, interpolated linearly inside a bucket."""
+    les = sorted(after)
+    counts = [after[le] - before.get(le, 0.0) for le in les]
+    total = counts[-1] if counts else 0
+    res = {}
+    for q in qs:
+        if total <= 0:
+            res[q] = None
+            continue
+        rank, prev_le, prev_c = q * total, 0.0, 0.0
+        for le, c in zip(les, counts):
+            if c >= rank:
+                if le == float("inf"):
+                    res[q] = prev_le
+                else:
+                    frac = (rank - prev_c) / (c - prev_c) if c > prev_c else 0
+                    res[q] = prev_le + (le - prev_le) * frac
+                break
+            prev_le, prev_c = le, c
+    return res
+
+
+class Proc:
+    def __init__(self, name, args, env=None, log_dir=None):
+        self.name = name
+        log_dir = log_dir or ROOT / "bench" / "out" / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{name}.log"
+        self.log = open(self.log_path, "w")
+        e = dict(os.environ)
+        e.update(env or {})
+        self.p = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=e, cwd=ROOT)
+
+    def stop(self, timeout=20):
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self.log.close()
+
+    def tail(self):
+        try:
+            return "".join(self.log_path.read_text().splitlines(True)[-20:])
+        except OSError:
+            return ""
+
+
+def wait_until(pred, timeout, what, proc=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        if proc is not None and proc.p.poll() is not None:
+            raise BenchError(f"{proc.name} exited while waiting for {what}:\n{proc.tail()}")
+        time.sleep(0.05)
+    raise BenchError(f"timed out ({timeout}s) waiting for {what}" + (f"\n{proc.tail()}" if proc else ""))
+
+
+def simulator(prefix, devices, per_device=None, rate="max", qos=1, duration=None, connections=4):
+    args = [str(REL / "simulator"), "--broker", MQTT_URL, "--topic-prefix", prefix, "--devices", str(devices),
+            "--rate", str(rate), "--qos", str(qos), "--connections", str(connections), "--quiet", "--seed", "11"]
+    if per_device is not None:
+        args += ["--count", str(per_device)]
+    if duration is not None:
+        args += ["--duration", duration]
+    return args
+
+
+def run_simulator(args, timeout):
+    r = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if r.returncode != 0:
+        raise BenchError(f"simulator failed ({r.returncode}): {r.stderr[-2000:]}")
+
+
+# ------------------------------------------------------------------ cases
+
+
+def case_simulator(n, qos):
+    args = [a for a in simulator(unique("sim"), 1000, per_device=max(1, n // 1000), qos=qos) if a != "--quiet"]
+    t0 = time.time()
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if r.returncode != 0:
+        raise BenchError(r.stderr[-2000:])
+    line = [l for l in r.stderr.splitlines() if l.startswith("done in")][-1]
+    sent = int(line.split("sent ")[1].split()[0])
+    if sent != max(1, n // 1000) * 1000:
+        raise BenchError(f"simulator sent {sent}, expected {n}")
+    return {"rate": sent / float(line.split("done in ")[1].split("s")[0]), "count": sent, "wall_s": time.time() - t0}
+
+
+def case_mqtt_ceiling(n):
+    prefix = unique("mqtt")
+    per = max(1, n // 1000)
+    total = per * 1000
+    sub = Proc("mqtt-ceiling-sub", ["mosquitto_sub", "-h", MQTT_HOST, "-p", MQTT_PORT, "-q", "1",
+                                    "-t", f"{prefix}/+/telemetry", "-C", str(total), "-i", prefix + "-sub"])
+    time.sleep(0.5)
+    t0 = time.time()
+    run_simulator(simulator(prefix, 1000, per_device=per), 600)
+    wait_until(lambda: sub.p.poll() is not None, 120, "the counting subscriber", None)
+    elapsed = time.time() - t0
+    sub.stop()
+    if sub.p.returncode != 0:
+        raise BenchError(f"subscriber received fewer than {total}: {sub.tail()}")
+    return {"rate": total / elapsed, "count": total}
+
+
+def case_kafka_ceiling(n):
+    topic = unique("kafka")
+    create_topic(topic)
+    r = subprocess.run([str(REL / "examples" / "kafka_produce"), KAFKA, topic, str(n), "10000"],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise BenchError(r.stderr)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    got = topic_count(topic)
+    delete_topics([topic])
+    if got != n:
+        raise BenchError(f"kafka ceiling: {got} records in the topic, expected {n}")
+    return {"rate": out["rate"], "count": n}
+
+
+def start_gateway(name, topic, dlq, prefix, mode, http_port):
+    env = {
+        "GATEWAY__MQTT__URL": MQTT_URL,
+        "GATEWAY__MQTT__CLIENT_ID": prefix + "-gw",
+        "GATEWAY__MQTT__TOPICS": f"{prefix}/+/telemetry",
+        "GATEWAY__KAFKA__BOOTSTRAP_SERVERS": KAFKA,
+        "GATEWAY__KAFKA__TOPIC": topic,
+        "GATEWAY__KAFKA__DLQ_TOPIC": dlq,
+        "GATEWAY__KAFKA__DELIVERY_MODE": mode,
+        "GATEWAY__HTTP__LISTEN": f"127.0.0.1:{http_port}",
+        "RUST_LOG": "warn",
+    }
+    gw = Proc(name, [str(REL / "gateway"), "run", "--config", "configs/gateway.toml"], env)
+    url = f"http://127.0.0.1:{http_port}"
+
+    def ready():
+        try:
+            http_get(url + "/readyz", 1)
+            return True
+        except Exception:
+            return False
+
+    wait_until(ready, 30, "gateway ready", gw)
+    return gw, url
+
+
+def case_e2e(kind, n, devices, mode="async"):
+    """simulator (QoS 1, max rate) -> Mosquitto -> gateway|python bridge -> Kafka."""
+    topic, dlq, prefix = unique(kind), unique(kind + "-dlq"), unique(kind + "-mqtt")
+    create_topic(topic)
+    create_topic(dlq, 1)
+    per = max(1, n // devices)
+    total = per * devices
+    if kind == "gateway":
+        proc, url = start_gateway(f"gateway-{mode}", topic, dlq, prefix, mode, free_port())
+    else:
+        py = ROOT / "bench" / ".venv" / "bin" / "python"
+        proc = Proc("python-bridge", [str(py), str(ROOT / "bench" / "python_bridge.py"), MQTT_HOST, MQTT_PORT,
+                                      f"{prefix}/+/telemetry", KAFKA, topic, prefix + "-py"])
+        time.sleep(2)  # connect + subscribe
+        url = None
+    try:
+        cpu0, t0 = proc_cpu_seconds(proc.p.pid), time.time()
+        run_simulator(simulator(prefix, devices, per_device=per), 900)
+        wait_until(lambda: topic_count(topic) >= total, 900, f"{total} records in Kafka", proc)
+        elapsed = time.time() - t0
+        cpu = proc_cpu_seconds(proc.p.pid) - cpu0
+        rss = proc_peak_rss_mib(proc.p.pid)
+    finally:
+        proc.stop()
+    check = verify_topic(topic, total)
+    delete_topics([topic, dlq])
+    if not check["ok"]:
+        raise BenchError(f"{kind} {mode}: delivery check failed: {check}")
+    return {"rate": total / elapsed, "count": total, "cpu_us_per_reading": cpu / total * 1e6,
+            "peak_rss_mib": rss, "verified": check}
+
+
+def case_latency(rate_total, seconds, devices=1000):
+    topic, dlq, prefix = unique("lat"), unique("lat-dlq"), unique("lat-mqtt")
+    create_topic(topic)
+    create_topic(dlq, 1)
+    gw, url = start_gateway(f"gateway-latency-{rate_total}", topic, dlq, prefix, "async", free_port())
+    try:
+        before = histogram(url + "/metrics", "gateway_delivery_latency_seconds")
+        run_simulator(simulator(prefix, devices, rate=rate_total / devices, duration=f"{seconds}s",
+                                connections=min(devices, 10)), seconds + 60)
+        delivered = lambda: metric(url + "/metrics", "gateway_readings_delivered_total") or 0
+        sent_expect = rate_total * seconds * 0.8
+        wait_until(lambda: delivered() >= sent_expect, 60, "latency run delivered", gw)
+        time.sleep(1)
+        after = histogram(url + "/metrics", "gateway_delivery_latency_seconds")
+        q = quantiles(before, after, [0.5, 0.99, 0.999])
+        n = after.get(float("inf"), 0) - before.get(float("inf"), 0)
+    finally:
+        gw.stop()
+    delete_topics([topic, dlq])
+    if n < sent_expect:
+        raise BenchError(f"latency run: only {n} readings measured")
+    ms = lambda v: None if v is None else v * 1000
+    return {"rate": rate_total, "count": int(n), "p50_ms": ms(q[0.5]), "p99_ms": ms(q[0.99]), "p999_ms": ms(q[0.999])}
+
+
+def case_aggregator(n, devices):
+    topic = unique("agg")
+    create_topic(topic)
+    r = subprocess.run([str(REL / "examples" / "kafka_produce"), KAFKA, topic, str(n), str(devices)],
+                       capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        raise BenchError(r.stderr)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"AGGREGATOR__KAFKA__BOOTSTRAP_SERVERS": KAFKA, "AGGREGATOR__KAFKA__TOPIC": topic,
+           "AGGREGATOR__KAFKA__GROUP_ID": unique("agg-group"), "AGGREGATOR__HTTP__LISTEN": f"127.0.0.1:{port}",
+           "AGGREGATOR__METRICS__MAX_DEVICES": str(devices), "RUST_LOG": "warn"}
+    t0 = time.time()
+    agg = Proc("aggregator", [str(REL / "aggregator"), "run", "--config", "configs/aggregator.toml"], env)
+    try:
+        wait_until(lambda: _safe_metric(url, "aggregator_records_consumed_total") >= n, 900, "aggregator consumed all", agg)
+        elapsed = time.time() - t0
+        cpu = proc_cpu_seconds(agg.p.pid)
+        applied = _safe_metric(url, "aggregator_readings_applied_total")
+        scrapes = []
+        for _ in range(5):
+            s = time.time()
+            body = http_get(url + "/metrics", 30)
+            scrapes.append((time.time() - s) * 1000)
+        exported = body.count("aggregator_device_temperature_celsius{")
+        rss = proc_peak_rss_mib(agg.p.pid)
+    finally:
+        agg.stop()
+    delete_topics([topic])
+    if applied != n or exported != devices:
+        raise BenchError(f"aggregator: applied {applied} of {n}, exported {exported} of {devices} devices")
+    return {"rate": n / elapsed, "count": n, "cpu_us_per_reading": cpu / n * 1e6, "peak_rss_mib": rss,
+            "scrape_ms": statistics.median(scrapes), "devices": devices}
+
+
+def _safe_metric(url, name):
+    try:
+        return metric(url + "/metrics", name) or 0
+    except Exception:
+        return 0
+
+
+# ------------------------------------------------------------------ driver
+
+
+def summarize(runs, key):
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    if not vals:
+        return None
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def machine():
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemTotal"):
+            mem = int(line.split()[1]) / 1024 / 1024
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "kernel": platform.release()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--reps", type=int, default=3)
+    a = ap.parse_args()
+    q = a.quick
+    reps = 1 if q else a.reps
+    sizes = dict(
+        sim=20_000 if q else 1_000_000,
+        mqtt=5_000 if q else 300_000,
+        kafka=5_000 if q else 500_000,
+        e2e=5_000 if q else 200_000,
+        e2e_devices=1_000 if q else 10_000,
+        sync=500 if q else 20_000,
+        python=2_000 if q else 200_000,
+        lat_secs=3 if q else 15,
+        agg=20_000 if q else 1_000_000,
+        agg_devices=1_000 if q else 10_000,
+    )
+    plan = [
+        ("simulator_qos0", lambda: case_simulator(sizes["sim"], 0)),
+        ("simulator_qos1", lambda: case_simulator(sizes["sim"] // 2, 1)),
+        ("mqtt_ceiling", lambda: case_mqtt_ceiling(sizes["mqtt"])),
+        ("kafka_ceiling", lambda: case_kafka_ceiling(sizes["kafka"])),
+        ("gateway_async", lambda: case_e2e("gateway", sizes["e2e"], sizes["e2e_devices"], "async")),
+        ("gateway_sync", lambda: case_e2e("gateway", sizes["sync"], 100, "sync")),
+        ("python_baseline", lambda: case_e2e("python", sizes["python"], sizes["e2e_devices"])),
+        ("latency_1k", lambda: case_latency(1_000, sizes["lat_secs"])),
+        ("latency_10k", lambda: case_latency(10_000, sizes["lat_secs"])),
+        ("aggregator", lambda: case_aggregator(sizes["agg"], sizes["agg_devices"])),
+    ]
+    results = {}
+    failures = []
+    for rep in range(reps):
+        for name, fn in plan:
+            log(f"rep {rep + 1}/{reps}: {name}")
+            t = time.time()
+            try:
+                r = fn()
+                results.setdefault(name, []).append(r)
+                log(f"  {name}: {json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k != 'verified'})} ({time.time() - t:.1f}s)")
+            except Exception as e:  # a failed case is reported, the run goes on
+                failures.append(f"{name}: {e}")
+                log(f"  {name} FAILED: {e}")
+    out = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
+        "quick": q,
+        "machine": machine(),
+        "sizes": sizes,
+        "cases": {name: {"runs": runs, **{k: summarize(runs, k) for k in
+                                          ("rate", "cpu_us_per_reading", "peak_rss_mib", "p50_ms", "p99_ms", "p999_ms", "scrape_ms")
+                                          if summarize(runs, k)}}
+                  for name, runs in results.items()},
+        "failures": failures,
+    }
+    if q:
+        path = ROOT / "bench" / "out" / "quick.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2))
+        log(f"quick run: {len(results)} cases, {len(failures)} failures -> {path}")
+    else:
+        (ROOT / "bench" / "results.json").write_text(json.dumps(out, indent=2) + "\n")
+        import report
+
+        report.write(out, ROOT)
+    if failures:
+        for f in failures:
+            print(f"FAILED {f}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()
