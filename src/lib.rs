@@ -14,6 +14,7 @@
 //! - [`telemetry`], [`http`]: logs, metrics encoding, the `/metrics` `/healthz` `/readyz` server.
 
 pub mod aggregator;
+pub mod cli;
 pub mod config;
 pub mod fleet;
 pub mod gateway;

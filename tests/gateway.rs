@@ -792,3 +792,103 @@ async fn mosquitto_restart_mid_stream_reconnects_and_resumes() {
         Some(Some(0))
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn simulated_fleet_runs_without_a_broker() {
+    common::require_kafka();
+    let s = Setup::new("gw-sim").await;
+    // MQTT points nowhere: --simulate turns it off.
+    let dead = format!("mqtt://127.0.0.1:{}", common::free_port());
+    let mut gw = common::spawn(
+        GATEWAY,
+        &["--simulate", "20"],
+        &[
+            ("GATEWAY__MQTT__URL", dead),
+            (
+                "GATEWAY__KAFKA__BOOTSTRAP_SERVERS",
+                common::kafka_bootstrap(),
+            ),
+            ("GATEWAY__KAFKA__TOPIC", s.topic.clone()),
+            ("GATEWAY__KAFKA__DLQ_TOPIC", s.dlq.clone()),
+            ("GATEWAY__HTTP__LISTEN", s.http.clone()),
+            ("GATEWAY__SIMULATE__RATE_PER_DEVICE", "20".into()),
+            ("GATEWAY__SIMULATE__FAULTS", "0.3".into()),
+        ],
+        &s.dir,
+        "gateway",
+    );
+    s.wait_ready(&mut gw).await;
+    let ok = common::eventually(Duration::from_secs(30), || {
+        s.metric("gateway_readings_delivered_total", &[]) >= 500.0
+            && s.metric("gateway_dlq_records_total", &[]) >= 20.0
+    })
+    .await;
+    assert!(ok, "log:\n{}", gw.log_text());
+    assert_eq!(
+        gw.terminate(Duration::from_secs(15)).map(|st| st.code()),
+        Some(Some(0))
+    );
+    let records = common::consume(
+        &s.topic,
+        500,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(records.len() >= 500);
+    for m in records.iter().take(200) {
+        assert_eq!(common::header(m, "source"), Some("simulated"));
+        let key = std::str::from_utf8(m.key().expect("key")).expect("utf8");
+        assert!(key.starts_with("sensor-"), "{key}");
+        let v: serde_json::Value =
+            serde_json::from_slice(m.payload().expect("value")).expect("json");
+        assert_eq!(v["device_id"], key);
+    }
+    let dlq = common::consume(&s.dlq, 20, Duration::from_secs(30), Duration::from_secs(1)).await;
+    assert!(dlq.len() >= 20);
+    assert!(dlq.iter().all(|m| common::header(m, "reason").is_some()
+        && common::header(m, "source") == Some("simulated")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reading_kafka_refuses_for_good_is_dead_lettered_with_the_reason() {
+    common::require_kafka();
+    let s = Setup::bare("gw-toolarge");
+    // The topic accepts at most 100-byte batches: every canonical reading is refused.
+    common::create_topic_with(&s.topic, 1, &[("max.message.bytes", "100")]).await;
+    common::create_topic(&s.dlq, 1).await;
+    let mut gw = s.start(&[], "gateway");
+    s.wait_ready(&mut gw).await;
+    let (host, port) = common::mqtt_host_port();
+    let payload = br#"{"temperature": 21.5, "humidity": 40, "seq": 1}"#.to_vec();
+    publish_all(&host, port, &[(s.mqtt_topic("big-1"), payload)], None).await;
+    let dlq = common::consume(&s.dlq, 1, Duration::from_secs(60), Duration::from_secs(1)).await;
+    assert_eq!(dlq.len(), 1, "log:\n{}", gw.log_text());
+    let m = &dlq[0];
+    assert_eq!(common::header(m, "reason"), Some("kafka_rejected"));
+    let detail = common::header(m, "detail").expect("detail");
+    assert!(
+        detail.to_lowercase().contains("size") || detail.contains("large"),
+        "{detail}"
+    );
+    assert_eq!(m.key(), Some(&b"big-1"[..]));
+    let value: serde_json::Value =
+        serde_json::from_slice(m.payload().expect("payload")).expect("canonical JSON");
+    assert_eq!(value["device_id"], "big-1");
+    assert_eq!(
+        s.metric("gateway_delivery_errors_total", &[("kind", "permanent")]),
+        1.0
+    );
+    assert_eq!(
+        s.metric("gateway_dlq_records_total", &[("reason", "kafka_rejected")]),
+        1.0
+    );
+    let acked = common::eventually(Duration::from_secs(5), || {
+        s.metric("gateway_mqtt_acks_total", &[]) == 1.0
+    })
+    .await;
+    assert!(
+        acked,
+        "the MQTT message is acknowledged once its DLQ record is in Kafka"
+    );
+}

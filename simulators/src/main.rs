@@ -345,6 +345,45 @@ impl Conn {
     }
 }
 
+/// What the simulator cares about from either protocol's event loop.
+enum Ev {
+    ConnAck,
+    PubAck,
+    Disconnecting,
+    Other,
+}
+
+enum Loop {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
+}
+
+impl Loop {
+    async fn poll(&mut self) -> Result<Ev, String> {
+        use rumqttc::Outgoing;
+        match self {
+            Loop::V4(el) => {
+                use rumqttc::{Event, Packet};
+                Ok(match el.poll().await.map_err(|e| e.to_string())? {
+                    Event::Incoming(Packet::ConnAck(_)) => Ev::ConnAck,
+                    Event::Incoming(Packet::PubAck(_)) => Ev::PubAck,
+                    Event::Outgoing(Outgoing::Disconnect) => Ev::Disconnecting,
+                    _ => Ev::Other,
+                })
+            }
+            Loop::V5(el) => {
+                use rumqttc::v5::{mqttbytes::v5::Packet, Event};
+                Ok(match el.poll().await.map_err(|e| e.to_string())? {
+                    Event::Incoming(Packet::ConnAck(_)) => Ev::ConnAck,
+                    Event::Incoming(Packet::PubAck(_)) => Ev::PubAck,
+                    Event::Outgoing(Outgoing::Disconnect) => Ev::Disconnecting,
+                    _ => Ev::Other,
+                })
+            }
+        }
+    }
+}
+
 /// Connects one client; returns once the broker accepted it (or fails clearly).
 async fn connect(
     s: &Settings,
@@ -352,72 +391,46 @@ async fn connect(
     stats: Arc<Stats>,
 ) -> Result<(Conn, tokio::task::JoinHandle<()>)> {
     let id = format!("sim-{}-{}-{index}", std::process::id(), s.spec.seed);
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
-    let mut ready_tx = Some(ready_tx);
-    let (conn, task) = if s.v5 {
-        use rumqttc::v5::{mqttbytes::v5::Packet, AsyncClient, Event, MqttOptions};
-        let mut o = MqttOptions::new(id, &s.host, s.port);
+    let (conn, mut el) = if s.v5 {
+        let mut o = rumqttc::v5::MqttOptions::new(id, &s.host, s.port);
         o.set_keep_alive(Duration::from_secs(30))
             .set_max_packet_size(Some(4 << 20));
-        let (c, mut el) = AsyncClient::new(o, 10_000);
-        let task = tokio::spawn(async move {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        if let Some(t) = ready_tx.take() {
-                            let _ = t.send(Ok(()));
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(_))) => {
-                        stats.acked.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        if let Some(t) = ready_tx.take() {
-                            let _ = t.send(Err(e.to_string()));
-                            break;
-                        }
-                        eprintln!("simulator: connection {index}: {e}; reconnecting");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                }
-            }
-        });
-        (Conn::V5(c), task)
+        let (c, el) = rumqttc::v5::AsyncClient::new(o, 10_000);
+        (Conn::V5(c), Loop::V5(Box::new(el)))
     } else {
-        use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
-        let mut o = MqttOptions::new(id, &s.host, s.port);
+        let mut o = rumqttc::MqttOptions::new(id, &s.host, s.port);
         o.set_keep_alive(Duration::from_secs(30))
             .set_max_packet_size(4 << 20, 4 << 20)
             .set_inflight(1000);
-        let (c, mut el) = AsyncClient::new(o, 10_000);
-        let task = tokio::spawn(async move {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        if let Some(t) = ready_tx.take() {
-                            let _ = t.send(Ok(()));
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(_))) => {
-                        stats.acked.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        if let Some(t) = ready_tx.take() {
-                            let _ = t.send(Err(e.to_string()));
-                            break;
-                        }
-                        eprintln!("simulator: connection {index}: {e}; reconnecting");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (c, el) = rumqttc::AsyncClient::new(o, 10_000);
+        (Conn::V4(c), Loop::V4(Box::new(el)))
+    };
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
+    let mut ready_tx = Some(ready_tx);
+    let task = tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Ev::ConnAck) => {
+                    if let Some(t) = ready_tx.take() {
+                        let _ = t.send(Ok(()));
                     }
                 }
+                Ok(Ev::PubAck) => {
+                    stats.acked.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Ev::Disconnecting) => break,
+                Ok(Ev::Other) => {}
+                Err(e) => {
+                    if let Some(t) = ready_tx.take() {
+                        let _ = t.send(Err(e));
+                        break;
+                    }
+                    eprintln!("simulator: connection {index}: {e}; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
             }
-        });
-        (Conn::V4(c), task)
-    };
+        }
+    });
     match tokio::time::timeout(Duration::from_secs(10), ready_rx).await {
         Ok(Ok(Ok(()))) => Ok((conn, task)),
         Ok(Ok(Err(e))) => bail!(

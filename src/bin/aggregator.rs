@@ -55,50 +55,22 @@ fn load(args: &ConfigArg) -> Result<AggregatorConfig, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::CheckConfig(args)) => match load(&args) {
-            Ok(cfg) => {
-                print!("{}", cfg.to_masked_toml());
-                eprintln!("configuration OK");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("aggregator: invalid configuration: {e}");
-                ExitCode::from(2)
-            }
-        },
+        Some(Command::CheckConfig(args)) => {
+            iot_gateway::cli::check_config("aggregator", load(&args).map(|c| c.to_masked_toml()))
+        }
         Some(Command::Run(args)) => run(args),
         None => run(cli.run),
     }
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    let mut cfg = match load(&args.config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("aggregator: invalid configuration: {e}");
-            return ExitCode::from(2);
+    let cfg = load(&args.config);
+    let log = |c: &AggregatorConfig| {
+        let mut l = c.log.clone();
+        if args.log_json {
+            l.format = LogFormat::Json;
         }
+        l
     };
-    if args.log_json {
-        cfg.log.format = LogFormat::Json;
-    }
-    iot_gateway::telemetry::init_tracing(cfg.log.format, &cfg.log.level);
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("aggregator: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    rt.block_on(async {
-        let shutdown = iot_gateway::shutdown::on_signals();
-        match iot_gateway::aggregator::run(cfg, shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{e}");
-                eprintln!("aggregator: {e}");
-                ExitCode::FAILURE
-            }
-        }
-    })
+    iot_gateway::cli::run_service("aggregator", cfg, log, iot_gateway::aggregator::run)
 }

@@ -65,50 +65,22 @@ fn load(args: &ConfigArg, simulate: Option<usize>) -> Result<GatewayConfig, Stri
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::CheckConfig(args)) => match load(&args, None) {
-            Ok(cfg) => {
-                print!("{}", cfg.to_masked_toml());
-                eprintln!("configuration OK");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("gateway: invalid configuration: {e}");
-                ExitCode::from(2)
-            }
-        },
+        Some(Command::CheckConfig(args)) => {
+            iot_gateway::cli::check_config("gateway", load(&args, None).map(|c| c.to_masked_toml()))
+        }
         Some(Command::Run(args)) => run(args),
         None => run(cli.run),
     }
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    let mut cfg = match load(&args.config, args.simulate) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("gateway: invalid configuration: {e}");
-            return ExitCode::from(2);
+    let cfg = load(&args.config, args.simulate);
+    let log = |c: &GatewayConfig| {
+        let mut l = c.log.clone();
+        if args.log_json {
+            l.format = LogFormat::Json;
         }
+        l
     };
-    if args.log_json {
-        cfg.log.format = LogFormat::Json;
-    }
-    iot_gateway::telemetry::init_tracing(cfg.log.format, &cfg.log.level);
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("gateway: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    rt.block_on(async {
-        let shutdown = iot_gateway::shutdown::on_signals();
-        match iot_gateway::gateway::run(cfg, shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{e}");
-                eprintln!("gateway: {e}");
-                ExitCode::FAILURE
-            }
-        }
-    })
+    iot_gateway::cli::run_service("gateway", cfg, log, iot_gateway::gateway::run)
 }

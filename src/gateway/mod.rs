@@ -30,7 +30,7 @@ use self::kafka::{GatewayProducer, InFlight, Report, Retry, TopicState};
 use self::metrics::GatewayMetrics;
 use self::seq::{SeqOutcome, SeqTracker};
 use crate::config::{DeliveryMode, GatewayConfig};
-use crate::reading::{self, Rejection, SCHEMA_VERSION};
+use crate::reading::{self, SCHEMA_VERSION};
 
 /// One received payload.
 #[derive(Debug, Clone)]
@@ -293,6 +293,14 @@ async fn probe_kafka(
     }
 }
 
+/// Why and whence a payload is dead-lettered (its DLQ headers).
+struct DeadLetter<'a> {
+    reason: &'static str,
+    detail: &'a str,
+    source: &'a str,
+    received_at: &'a str,
+}
+
 /// A record waiting to be (re)sent.
 struct Pending {
     dlq: bool,
@@ -483,40 +491,38 @@ impl Pipeline {
             Err(rej) => {
                 self.metrics.rejected(&rej, &m.topic);
                 let key = topic_device.map(|d| d.as_bytes().to_vec());
-                self.dead_letter(
-                    &rej,
-                    key,
-                    &m.payload,
-                    &m.topic,
-                    &received_ts,
-                    meta(Some(rej.code())),
-                );
+                let detail = rej.to_string();
+                let d = DeadLetter {
+                    reason: rej.code(),
+                    detail: &detail,
+                    source: &m.topic,
+                    received_at: &received_ts,
+                };
+                self.dead_letter(d, key, &m.payload, meta(Some(rej.code())));
             }
         }
     }
 
-    /// Sends the raw payload (truncated) to the DLQ with its reason, or, with
-    /// the DLQ disabled, counts and logs it as dropped.
+    /// Sends the raw payload (cut at `dlq_max_payload_bytes`) to the DLQ with
+    /// its reason, or, with the DLQ disabled, counts and logs it as dropped.
     fn dead_letter(
         &mut self,
-        rej: &Rejection,
+        d: DeadLetter<'_>,
         key: Option<Vec<u8>>,
         payload: &[u8],
-        source: &str,
-        received_ts: &str,
         meta: Box<InFlight>,
     ) {
         if !self.cfg.kafka.dlq_enabled {
-            self.metrics.dropped(rej.code(), &rej.to_string());
+            self.metrics.dropped(d.reason, d.detail);
             self.finish(meta.ack_id);
             return;
         }
         let keep = payload.len().min(self.cfg.kafka.dlq_max_payload_bytes);
         let mut headers = OwnedHeaders::new_with_capacity(6)
-            .insert(header("reason", rej.code()))
-            .insert(header("detail", &rej.to_string()))
-            .insert(header("source", source))
-            .insert(header("received_at", received_ts))
+            .insert(header("reason", d.reason))
+            .insert(header("detail", d.detail))
+            .insert(header("source", d.source))
+            .insert(header("received_at", d.received_at))
             .insert(header("schema", SCHEMA_VERSION));
         if keep < payload.len() {
             headers = headers.insert(header("original_size", &payload.len().to_string()));
@@ -588,7 +594,17 @@ impl Pipeline {
                     attempts: 0,
                     ..*meta
                 });
-                self.kafka_rejected(rej_detail, key, &r.payload, meta);
+                // A valid reading Kafka refused for good (e.g. too large for the
+                // topic): dead-letter it with the broker's reason.
+                let now = reading::format_ts(chrono::Utc::now().timestamp_millis());
+                let source = self.cfg.kafka.topic.clone();
+                let d = DeadLetter {
+                    reason: metrics::KAFKA_REJECTED,
+                    detail: &rej_detail,
+                    source: &source,
+                    received_at: &now,
+                };
+                self.dead_letter(d, key, &r.payload, meta);
             }
             return;
         }
@@ -605,37 +621,6 @@ impl Pipeline {
             meta,
             not_before: Instant::now() + backoff,
         });
-    }
-
-    /// A valid reading Kafka refused for good (e.g. too large for the topic):
-    /// dead-letter it with the broker's reason.
-    fn kafka_rejected(
-        &mut self,
-        detail: String,
-        key: Option<Vec<u8>>,
-        payload: &[u8],
-        meta: Box<InFlight>,
-    ) {
-        if !self.cfg.kafka.dlq_enabled {
-            self.metrics.dropped(metrics::KAFKA_REJECTED, &detail);
-            self.finish(meta.ack_id);
-            return;
-        }
-        let keep = payload.len().min(self.cfg.kafka.dlq_max_payload_bytes);
-        let now = reading::format_ts(chrono::Utc::now().timestamp_millis());
-        let headers = OwnedHeaders::new_with_capacity(5)
-            .insert(header("reason", metrics::KAFKA_REJECTED))
-            .insert(header("detail", &detail))
-            .insert(header("source", &self.cfg.kafka.topic))
-            .insert(header("received_at", &now))
-            .insert(header("schema", SCHEMA_VERSION));
-        let retry = Retry {
-            key,
-            payload: payload[..keep].to_vec(),
-            headers: Some(headers),
-            timestamp: None,
-        };
-        self.send(true, retry, meta);
     }
 
     fn resend_due(&mut self) {

@@ -92,11 +92,19 @@ pub fn require_mqtt() {
 
 /// Creates a topic on the test Kafka and waits until it is usable.
 pub async fn create_topic(name: &str, partitions: i32) {
+    create_topic_with(name, partitions, &[]).await
+}
+
+/// [`create_topic`] with topic configs (e.g. `max.message.bytes`).
+pub async fn create_topic_with(name: &str, partitions: i32, configs: &[(&str, &str)]) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", kafka_bootstrap())
         .create()
         .expect("admin client");
-    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    for (k, v) in configs {
+        topic = topic.set(k, v);
+    }
     let results = admin
         .create_topics([&topic], &AdminOptions::new())
         .await
@@ -232,17 +240,19 @@ fn parse_labels(mut s: &str) -> std::collections::BTreeMap<String, String> {
     m
 }
 
-/// Value of the sample `name` whose labels include all of `labels`.
+/// Sum of the samples `name` whose labels include all of `labels` (`None`
+/// when no sample matches).
 pub fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     samples
         .iter()
-        .find(|s| {
+        .filter(|s| {
             s.name == name
                 && labels
                     .iter()
                     .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
         })
         .map(|s| s.value)
+        .reduce(|a, b| a + b)
 }
 
 /// Fetches and parses `http://addr/metrics`.
