@@ -179,10 +179,11 @@ impl Reading {
         }
         let _ = write!(
             out,
-            ",\"temperature\":{},\"ts\":\"{}\"}}",
-            JsonNumber(self.temperature),
-            format_ts(self.ts_ms)
+            ",\"temperature\":{},\"ts\":\"",
+            JsonNumber(self.temperature)
         );
+        write_ts(out, self.ts_ms);
+        out.push_str("\"}");
     }
 }
 
@@ -202,10 +203,28 @@ impl std::fmt::Display for JsonNumber {
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-01-02T03:04:05.678Z`.
 pub fn format_ts(ts_ms: i64) -> String {
-    match DateTime::<Utc>::from_timestamp_millis(ts_ms) {
-        Some(dt) => dt.to_rfc3339_opts(SecondsFormat::Millis, true),
-        None => String::from("1970-01-01T00:00:00.000Z"),
+    let mut s = String::with_capacity(24);
+    write_ts(&mut s, ts_ms);
+    s
+}
+
+/// Appends [`format_ts`] to `out`. At load many readings share a millisecond,
+/// so the last formatted one is kept (per thread) and reused.
+pub fn write_ts(out: &mut String, ts_ms: i64) {
+    thread_local! {
+        static LAST: std::cell::RefCell<(i64, String)> = const { std::cell::RefCell::new((i64::MIN, String::new())) };
     }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if last.0 != ts_ms {
+            last.1 = match DateTime::<Utc>::from_timestamp_millis(ts_ms) {
+                Some(dt) => dt.to_rfc3339_opts(SecondsFormat::Millis, true),
+                None => String::from("1970-01-01T00:00:00.000Z"),
+            };
+            last.0 = ts_ms;
+        }
+        out.push_str(&last.1);
+    })
 }
 
 /// Checks a device id: 1..=64 bytes of `[A-Za-z0-9_.:-]`.

@@ -368,6 +368,12 @@ async fn known_readings_give_exact_aggregates_and_garbage_is_counted() {
     let (status, list) = agg.json("/api/devices");
     assert_eq!(status, 200);
     assert_eq!(list["count"], 3);
+    let (status, stats) = agg.json("/api/stats");
+    assert_eq!(status, 200);
+    assert_eq!(stats["consumed"], total);
+    assert_eq!(stats["applied"], 9);
+    assert_eq!(stats["devices"], 3);
+    assert_eq!(stats["assigned_partitions"], 3);
     let (status, err) = agg.json("/api/devices/nope");
     assert_eq!(status, 404);
     assert_eq!(err["error"], "unknown device");

@@ -27,11 +27,12 @@ pub fn router(shared: Arc<Shared>) -> Router {
     let extra = {
         let s = shared.clone();
         Arc::new(move |out: &mut String| {
-            let state = s.state();
-            super::metrics::render_devices(&state, s.max_devices, super::now_ms(), out);
+            let snap = super::metrics::snapshot(&s.state(), s.max_devices, super::now_ms());
+            super::metrics::render_devices(&snap, out);
         })
     };
     let api = Router::new()
+        .route("/api/stats", get(stats))
         .route("/api/devices", get(list))
         .route("/api/devices/{id}", get(one))
         .with_state(shared.clone());
@@ -124,6 +125,23 @@ async fn one(
     Json(serde_json::json!({
         "device": summary(&id, d, state.is_online(d, now)),
         "windows": windows,
+    }))
+    .into_response()
+}
+
+/// Counters at a glance (cheap: no per-device work), for scripts and the demo.
+async fn stats(State(shared): State<Arc<Shared>>) -> Response {
+    let m = &shared.metrics;
+    let (devices, online) = {
+        let state = shared.state();
+        (state.devices.len(), state.online(super::now_ms()))
+    };
+    Json(serde_json::json!({
+        "consumed": m.consumed.get(),
+        "applied": m.applied_count(),
+        "devices": devices,
+        "online": online,
+        "assigned_partitions": m.assigned.get(),
     }))
     .into_response()
 }

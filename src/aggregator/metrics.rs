@@ -197,11 +197,58 @@ impl Default for AggregatorMetrics {
     }
 }
 
-/// Fleet gauges and per-device series, in Prometheus text format.
-pub fn render_devices(state: &State, max_devices: usize, now_ms: i64, out: &mut String) {
+/// What /metrics needs of one device, copied out under the state lock.
+#[derive(Debug, Clone)]
+pub struct DeviceRow {
+    pub id: String,
+    pub temperature: f64,
+    pub humidity: f64,
+    pub dew_point: f64,
+    pub last_seen_s: f64,
+    pub count: u64,
+    pub online: bool,
+    /// (min, max, mean) of the last closed window: temperature, humidity.
+    pub window: Option<([f64; 3], [f64; 3])>,
+}
+
+/// A copy of the state for one scrape: the lock is held only while copying,
+/// not while formatting (the consumer keeps applying meanwhile).
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub seen: usize,
+    pub online: usize,
+    /// The exported devices, sorted by id.
+    pub rows: Vec<DeviceRow>,
+}
+
+pub fn snapshot(state: &State, max_devices: usize, now_ms: i64) -> Snapshot {
     let sorted = state.sorted();
-    let online = state.online(now_ms);
-    let exported = sorted.len().min(max_devices);
+    let rows = sorted
+        .iter()
+        .take(max_devices)
+        .map(|(id, d)| DeviceRow {
+            id: (*id).to_string(),
+            temperature: d.temperature,
+            humidity: d.humidity,
+            dew_point: d.dew_point(),
+            last_seen_s: d.last_ts_ms as f64 / 1000.0,
+            count: d.count,
+            online: state.is_online(d, now_ms),
+            window: d.last_closed().map(|w| {
+                let (t, h) = (&w.temperature, &w.humidity);
+                ([t.min, t.max, t.mean], [h.min, h.max, h.mean])
+            }),
+        })
+        .collect();
+    Snapshot {
+        seen: sorted.len(),
+        online: state.online(now_ms),
+        rows,
+    }
+}
+
+/// Fleet gauges and per-device series, in Prometheus text format.
+pub fn render_devices(snap: &Snapshot, out: &mut String) {
     let gauge = |out: &mut String, name: &str, help: &str, v: usize| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     };
@@ -209,78 +256,72 @@ pub fn render_devices(state: &State, max_devices: usize, now_ms: i64, out: &mut 
         out,
         "aggregator_devices_seen",
         "Devices with state on this instance.",
-        sorted.len(),
+        snap.seen,
     );
     gauge(
         out,
         "aggregator_devices_online",
         "Devices heard from within aggregation.offline_after_secs.",
-        online,
+        snap.online,
     );
     gauge(
         out,
         "aggregator_devices_offline",
         "Devices silent for longer than aggregation.offline_after_secs.",
-        sorted.len() - online,
+        snap.seen - snap.online,
     );
     gauge(
         out,
         "aggregator_devices_not_exported",
         "Devices left out of the per-device series by metrics.max_devices.",
-        sorted.len() - exported,
+        snap.seen - snap.rows.len(),
     );
-    type Series<'a> = (
-        &'a str,
-        &'a str,
-        &'a str,
-        fn(&super::state::DeviceState) -> Option<f64>,
-    );
+    type Series<'a> = (&'a str, &'a str, &'a str, fn(&DeviceRow) -> f64);
     let series: [Series<'_>; 6] = [
         (
             "aggregator_device_temperature_celsius",
             "gauge",
             "Last temperature of the device.",
-            |d| Some(d.temperature),
+            |d| d.temperature,
         ),
         (
             "aggregator_device_humidity_percent",
             "gauge",
             "Last relative humidity of the device.",
-            |d| Some(d.humidity),
+            |d| d.humidity,
         ),
         (
             "aggregator_device_dew_point_celsius",
             "gauge",
             "Dew point from the last temperature and humidity (Magnus formula).",
-            |d| Some(d.dew_point()),
+            |d| d.dew_point,
         ),
         (
             "aggregator_device_last_seen_timestamp_seconds",
             "gauge",
             "Event time of the device's newest reading.",
-            |d| Some(d.last_ts_ms as f64 / 1000.0),
+            |d| d.last_seen_s,
         ),
         (
             "aggregator_device_readings_total",
             "counter",
             "Readings applied for the device by this instance.",
-            |d| Some(d.count as f64),
+            |d| d.count as f64,
         ),
         (
             "aggregator_device_online",
             "gauge",
             "1 if the device was heard from within aggregation.offline_after_secs.",
-            |_| None,
+            |d| if d.online { 1.0 } else { 0.0 },
         ),
     ];
     for (name, kind, help, f) in series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (id, d) in sorted.iter().take(exported) {
-            let v = f(d).unwrap_or(if state.is_online(d, now_ms) { 1.0 } else { 0.0 });
-            let _ = writeln!(out, "{name}{{device=\"{id}\"}} {v}");
+        for d in &snap.rows {
+            let _ = writeln!(out, "{name}{{device=\"{}\"}} {}", d.id, f(d));
         }
     }
-    for (name, help, pick) in [
+    for (name, help, temperature) in [
         (
             "aggregator_device_window_temperature_celsius",
             "Temperature min/max/mean of the device's last closed window.",
@@ -293,11 +334,11 @@ pub fn render_devices(state: &State, max_devices: usize, now_ms: i64, out: &mut 
         ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for (id, d) in sorted.iter().take(exported) {
-            if let Some(w) = d.last_closed() {
-                let s = if pick { &w.temperature } else { &w.humidity };
-                for (stat, v) in [("min", s.min), ("max", s.max), ("mean", s.mean)] {
-                    let _ = writeln!(out, "{name}{{device=\"{id}\",stat=\"{stat}\"}} {v}");
+        for d in &snap.rows {
+            if let Some((t, h)) = &d.window {
+                let v = if temperature { t } else { h };
+                for (stat, x) in ["min", "max", "mean"].iter().zip(v) {
+                    let _ = writeln!(out, "{name}{{device=\"{}\",stat=\"{stat}\"}} {x}", d.id);
                 }
             }
         }

@@ -362,7 +362,13 @@ impl Pipeline {
             let intake = !draining && self.in_flight < self.window;
             tokio::select! {
                 biased;
-                Some(r) = reports.recv() => self.on_report(r),
+                Some(r) = reports.recv() => {
+                    self.on_report(r);
+                    // Take every report already waiting: one wake-up, one ack batch.
+                    while let Ok(r) = reports.try_recv() {
+                        self.on_report(r);
+                    }
+                }
                 _ = shutdown.cancelled(), if !draining => {
                     info!(in_flight = self.in_flight, grace_ms = grace.as_millis() as u64, "shutting down: intake stopped, flushing");
                     deadline = Some(tokio::time::Instant::now() + grace);
@@ -373,11 +379,24 @@ impl Pipeline {
                     deadline = Some(tokio::time::Instant::now() + grace);
                 }
                 ev = mqtt_rx.recv(), if intake && mqtt_open => match ev {
-                    Some(ev) => self.on_event(ev),
+                    Some(ev) => {
+                        self.on_event(ev);
+                        // Drain what already arrived, within the in-flight window.
+                        while self.in_flight < self.window {
+                            let Ok(ev) = mqtt_rx.try_recv() else { break };
+                            self.on_event(ev);
+                        }
+                    }
                     None => mqtt_open = false,
                 },
                 ev = sim_rx.recv(), if intake && sim_open => match ev {
-                    Some(ev) => self.on_event(ev),
+                    Some(ev) => {
+                        self.on_event(ev);
+                        while self.in_flight < self.window {
+                            let Ok(ev) = sim_rx.try_recv() else { break };
+                            self.on_event(ev);
+                        }
+                    }
                     None => sim_open = false,
                 },
                 _ = retry_tick.tick(), if !self.retries.is_empty() => self.resend_due(),
@@ -543,20 +562,36 @@ impl Pipeline {
         } else {
             self.cfg.kafka.topic.as_str()
         };
+        let Retry {
+            key,
+            payload,
+            headers,
+            timestamp,
+        } = r;
         let mut rec: BaseRecord<'_, [u8], [u8], Box<InFlight>> =
-            BaseRecord::with_opaque_to(topic, meta).payload(&r.payload[..]);
-        if let Some(k) = &r.key {
+            BaseRecord::with_opaque_to(topic, meta).payload(&payload[..]);
+        if let Some(k) = &key {
             rec = rec.key(&k[..]);
         }
-        if let Some(ts) = r.timestamp {
+        if let Some(ts) = timestamp {
             rec = rec.timestamp(ts);
         }
-        if let Some(h) = &r.headers {
-            rec = rec.headers(h.clone());
+        if let Some(h) = headers {
+            rec = rec.headers(h);
         }
         if let Err((e, rec)) = self.producer.send(rec) {
-            let meta = rec.delivery_opaque;
-            self.on_failure(dlq, e, r, meta);
+            let BaseRecord {
+                headers,
+                delivery_opaque: meta,
+                ..
+            } = rec;
+            let retry = Retry {
+                key,
+                payload,
+                headers,
+                timestamp,
+            };
+            self.on_failure(dlq, e, retry, meta);
         }
     }
 

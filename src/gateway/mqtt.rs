@@ -41,12 +41,15 @@ pub enum Acker {
 }
 
 impl Acker {
-    /// PUBACK for `pkid` (QoS 1).
+    /// PUBACK for `pkid` (QoS 1); waits only while the request channel is full.
     pub async fn ack(&self, pkid: u16) -> Result<(), String> {
         match self {
             Acker::V311(c) => {
                 let mut p = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::new());
                 p.pkid = pkid;
+                if c.try_ack(&p).is_ok() {
+                    return Ok(());
+                }
                 c.ack(&p).await.map_err(|e| e.to_string())
             }
             Acker::V5(c) => {
@@ -57,6 +60,9 @@ impl Acker {
                     None,
                 );
                 p.pkid = pkid;
+                if c.try_ack(&p).is_ok() {
+                    return Ok(());
+                }
                 c.ack(&p).await.map_err(|e| e.to_string())
             }
         }
