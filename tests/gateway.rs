@@ -892,3 +892,34 @@ async fn a_reading_kafka_refuses_for_good_is_dead_lettered_with_the_reason() {
         "the MQTT message is acknowledged once its DLQ record is in Kafka"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_topics_makes_missing_topics_with_the_configured_partitions() {
+    common::require_kafka();
+    let s = Setup::bare("gw-create");
+    let mut gw = s.start(
+        &[
+            ("GATEWAY__KAFKA__CREATE_TOPICS", "true".into()),
+            ("GATEWAY__KAFKA__PARTITIONS", "3".into()),
+        ],
+        "gateway",
+    );
+    s.wait_ready(&mut gw).await;
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::kafka_bootstrap())
+        .create()
+        .expect("client");
+    use rdkafka::consumer::Consumer;
+    let md = consumer
+        .fetch_metadata(Some(&s.topic), Duration::from_secs(10))
+        .expect("metadata");
+    assert_eq!(md.topics()[0].partitions().len(), 3);
+    let md = consumer
+        .fetch_metadata(Some(&s.dlq), Duration::from_secs(10))
+        .expect("metadata");
+    assert_eq!(md.topics()[0].partitions().len(), 1);
+    assert_eq!(
+        gw.terminate(Duration::from_secs(15)).map(|st| st.code()),
+        Some(Some(0))
+    );
+}
