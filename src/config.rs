@@ -449,33 +449,7 @@ impl GatewayConfig {
                 "partitions and replication_factor must be >= 1",
             );
         }
-        let v = &self.validation;
-        if v.temperature_min.partial_cmp(&v.temperature_max) != Some(std::cmp::Ordering::Less) {
-            return bad(
-                "validation.temperature_min",
-                "must be below validation.temperature_max",
-            );
-        }
-        if v.humidity_min.partial_cmp(&v.humidity_max) != Some(std::cmp::Ordering::Less) {
-            return bad(
-                "validation.humidity_min",
-                "must be below validation.humidity_max",
-            );
-        }
-        if v.max_payload_bytes == 0 {
-            return bad("validation.max_payload_bytes", "must be positive");
-        }
-        self.http
-            .listen
-            .parse::<std::net::SocketAddr>()
-            .map_err(|e| {
-                invalid(
-                    origin,
-                    "http.listen",
-                    format!("{:?}: {e}", self.http.listen),
-                )
-            })?;
-        Ok(())
+        validate_common(origin, &self.validation, &self.http.listen)
     }
 
     /// The effective config as TOML, with secrets masked.
@@ -487,6 +461,36 @@ impl GatewayConfig {
         mask_properties(&mut c.kafka.properties);
         toml_string(&c)
     }
+}
+
+/// Checks shared by both services: validation limits and the HTTP address.
+fn validate_common(origin: &Path, v: &Limits, listen: &str) -> Result<(), ConfigError> {
+    let below = |a: f64, b: f64| a.partial_cmp(&b) == Some(std::cmp::Ordering::Less);
+    if !below(v.temperature_min, v.temperature_max) {
+        return Err(invalid(
+            origin,
+            "validation.temperature_min",
+            "must be below validation.temperature_max",
+        ));
+    }
+    if !below(v.humidity_min, v.humidity_max) {
+        return Err(invalid(
+            origin,
+            "validation.humidity_min",
+            "must be below validation.humidity_max",
+        ));
+    }
+    if v.max_payload_bytes == 0 {
+        return Err(invalid(
+            origin,
+            "validation.max_payload_bytes",
+            "must be positive",
+        ));
+    }
+    listen
+        .parse::<std::net::SocketAddr>()
+        .map_err(|e| invalid(origin, "http.listen", format!("{listen:?}: {e}")))?;
+    Ok(())
 }
 
 /// Masks librdkafka properties that carry secrets (sasl.password, ssl.key.password, ...).
@@ -567,11 +571,49 @@ fn toml_value(v: &serde_json::Value) -> String {
 pub struct AggregatorConfig {
     pub kafka: ConsumerConfig,
     pub aggregation: crate::aggregator::state::AggregationConfig,
-    /// Checks applied to consumed records (other producers' data too).
+    /// Checks applied to consumed records (other producers' data too). Keys left
+    /// out keep the aggregator's defaults (not the gateway's).
+    #[serde(deserialize_with = "aggregator_limits")]
     pub validation: Limits,
     pub metrics: AggregatorMetricsConfig,
     pub http: AggregatorHttpConfig,
     pub log: LogConfig,
+}
+
+/// The aggregator's validation defaults: bigger payloads, no lower bound on
+/// `ts` (replaying history is normal for a consumer).
+fn aggregator_default_limits() -> Limits {
+    Limits {
+        max_payload_bytes: 65_536,
+        max_past_secs: 100 * 365 * 24 * 3600,
+        ..Limits::default()
+    }
+}
+
+/// `[validation]` of the aggregator: given keys over the aggregator's defaults.
+fn aggregator_limits<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Limits, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Given {
+        temperature_min: Option<f64>,
+        temperature_max: Option<f64>,
+        humidity_min: Option<f64>,
+        humidity_max: Option<f64>,
+        max_payload_bytes: Option<usize>,
+        max_future_secs: Option<u64>,
+        max_past_secs: Option<u64>,
+    }
+    let g = Given::deserialize(d)?;
+    let l = aggregator_default_limits();
+    Ok(Limits {
+        temperature_min: g.temperature_min.unwrap_or(l.temperature_min),
+        temperature_max: g.temperature_max.unwrap_or(l.temperature_max),
+        humidity_min: g.humidity_min.unwrap_or(l.humidity_min),
+        humidity_max: g.humidity_max.unwrap_or(l.humidity_max),
+        max_payload_bytes: g.max_payload_bytes.unwrap_or(l.max_payload_bytes),
+        max_future_secs: g.max_future_secs.unwrap_or(l.max_future_secs),
+        max_past_secs: g.max_past_secs.unwrap_or(l.max_past_secs),
+    })
 }
 
 impl Default for AggregatorConfig {
@@ -579,12 +621,7 @@ impl Default for AggregatorConfig {
         AggregatorConfig {
             kafka: ConsumerConfig::default(),
             aggregation: Default::default(),
-            validation: Limits {
-                max_payload_bytes: 65_536,
-                // Replaying history is normal for a consumer: no lower bound.
-                max_past_secs: 100 * 365 * 24 * 3600,
-                ..Limits::default()
-            },
+            validation: aggregator_default_limits(),
             metrics: AggregatorMetricsConfig::default(),
             http: AggregatorHttpConfig::default(),
             log: LogConfig::default(),
@@ -680,17 +717,7 @@ impl AggregatorConfig {
         if a.offline_after_secs == 0 {
             return bad("aggregation.offline_after_secs", "must be at least 1");
         }
-        self.http
-            .listen
-            .parse::<std::net::SocketAddr>()
-            .map_err(|e| {
-                invalid(
-                    origin,
-                    "http.listen",
-                    format!("{:?}: {e}", self.http.listen),
-                )
-            })?;
-        Ok(())
+        validate_common(origin, &self.validation, &self.http.listen)
     }
 
     pub fn to_masked_toml(&self) -> String {
@@ -785,6 +812,18 @@ mod tests {
         let shown = c.to_masked_toml();
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("[kafka.properties]"), "{shown}");
+    }
+
+    #[test]
+    fn aggregator_partial_validation_keeps_aggregator_defaults() {
+        let f = file("[validation]\ntemperature_max = 60.0\n");
+        let c = AggregatorConfig::load(Some(&f.0)).unwrap();
+        assert_eq!(c.validation.temperature_max, 60.0);
+        assert_eq!(c.validation.max_payload_bytes, 65_536);
+        assert_eq!(c.validation.max_past_secs, 100 * 365 * 24 * 3600);
+        let f = file("[validation]\ntemperature_maxx = 60.0\n");
+        let e = AggregatorConfig::load(Some(&f.0)).unwrap_err().to_string();
+        assert!(e.contains("temperature_maxx"), "{e}");
     }
 
     #[test]
