@@ -33,6 +33,7 @@ pub struct GatewayMetrics {
     seq_repeats: IntCounter,
     pub kafka_queue_depth: IntGauge,
     pub kafka_reachable: IntGauge,
+    ready: IntGauge,
 }
 
 impl std::fmt::Debug for GatewayMetrics {
@@ -186,7 +187,29 @@ impl GatewayMetrics {
                 "gateway_kafka_reachable",
                 "1 when the last Kafka metadata request succeeded.",
             ),
+            ready: gauge(
+                &r,
+                "gateway_ready",
+                "1 when /readyz answers 200: Kafka reachable and, if MQTT is enabled, MQTT subscribed.",
+            ),
             registry: r,
+        }
+    }
+
+    /// What `/readyz` reports; also kept in `gateway_ready` for alerting.
+    pub fn readiness(&self, mqtt_enabled: bool) -> Result<(), Vec<String>> {
+        let mut why = Vec::new();
+        if self.kafka_reachable.get() != 1 {
+            why.push("Kafka not reachable".to_string());
+        }
+        if mqtt_enabled && self.mqtt_connected.get() != 1 {
+            why.push("MQTT not connected".to_string());
+        }
+        self.ready.set(i64::from(why.is_empty()));
+        if why.is_empty() {
+            Ok(())
+        } else {
+            Err(why)
         }
     }
 

@@ -83,20 +83,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     info!(addr = %cfg.http.listen, "serving /metrics, /healthz, /readyz");
     let ready = {
         let (m, mqtt_on) = (metrics.clone(), cfg.mqtt.enabled);
-        Arc::new(move || {
-            let mut why = Vec::new();
-            if m.kafka_reachable.get() != 1 {
-                why.push("Kafka not reachable".to_string());
-            }
-            if mqtt_on && m.mqtt_connected.get() != 1 {
-                why.push("MQTT not connected".to_string());
-            }
-            if why.is_empty() {
-                Ok(())
-            } else {
-                Err(why)
-            }
-        })
+        Arc::new(move || m.readiness(mqtt_on))
     };
     let http_stop = CancellationToken::new();
     let http_task = tokio::spawn(crate::http::serve(
@@ -260,6 +247,7 @@ async fn probe_kafka(
             _ = stop.cancelled() => return,
         }
         metrics.kafka_queue_depth.set(kafka::queue_depth(&producer));
+        let _ = metrics.readiness(cfg.mqtt.enabled);
         let state = topics_state(&cfg, producer.clone(), Duration::from_secs(3)).await;
         let was = metrics.kafka_reachable.get() == 1;
         match state {
