@@ -205,7 +205,7 @@ impl Default for MqttConfig {
             keep_alive_secs: 30,
             clean_session: false,
             session_expiry_secs: 86_400,
-            receive_maximum: 1000,
+            receive_maximum: 10_000,
             max_packet_bytes: 4 * 1024 * 1024,
             reconnect_min_ms: 200,
             reconnect_max_ms: 10_000,
