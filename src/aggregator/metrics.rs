@@ -22,6 +22,7 @@ pub const EXTRA_SKIP_REASONS: [&str; 4] = ["empty", "bad_key", "replayed_offset"
 pub struct AggregatorMetrics {
     pub registry: Registry,
     pub consumed: IntCounter,
+    pub consume_errors: IntCounter,
     applied: IntCounter,
     late: IntCounter,
     skipped: HashMap<&'static str, IntCounter>,
@@ -79,6 +80,14 @@ impl AggregatorMetrics {
                 IntCounter::new(
                     "aggregator_records_consumed_total",
                     "Records read from Kafka (applied or skipped).",
+                )
+                .expect("valid metric"),
+            ),
+            consume_errors: reg(
+                &r,
+                IntCounter::new(
+                    "aggregator_consume_errors_total",
+                    "Failed polls of Kafka (e.g. broker unreachable); retried.",
                 )
                 .expect("valid metric"),
             ),

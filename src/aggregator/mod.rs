@@ -225,6 +225,8 @@ fn consume_loop(
     const BATCH: usize = 2048;
     let mut batch: Vec<(i32, i64, Parsed)> = Vec::with_capacity(BATCH);
     let mut stored: HashMap<i32, i64> = HashMap::new();
+    // While Kafka is down every poll fails: warn once, then debug until it recovers.
+    let mut failing = false;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         batch.clear();
         let mut wait = Duration::from_millis(100);
@@ -232,11 +234,22 @@ fn consume_loop(
             match consumer.poll(wait) {
                 None => break,
                 Some(Ok(msg)) => {
+                    if failing {
+                        info!("consuming again");
+                        failing = false;
+                    }
                     batch.push((msg.partition(), msg.offset(), parse_record(&msg, limits)));
                     wait = Duration::ZERO;
                 }
                 Some(Err(e)) => {
-                    warn!(error = %e, "consume error");
+                    shared.metrics.consume_errors.inc();
+                    if failing {
+                        tracing::debug!(error = %e, "consume error");
+                    } else {
+                        warn!(error = %e, "consume error; retrying (repeats are logged at debug level)");
+                        failing = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
                     break;
                 }
             }
