@@ -1,7 +1,7 @@
 # Multi-stage build of the project's binaries: gateway, aggregator, simulator.
 FROM rust:1.85-bookworm AS build
-# librdkafka is built from source by rdkafka-sys (needs cmake, make, a C compiler).
-RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
+# librdkafka is built from source by rdkafka-sys with its configure script
+# (gcc, g++, make: all in the rust image).
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --workspace --bins \

@@ -259,10 +259,6 @@ impl Fleet {
         }
     }
 
-    pub fn spec(&self) -> &FleetSpec {
-        &self.spec
-    }
-
     pub fn len(&self) -> usize {
         self.devices.len()
     }

@@ -923,3 +923,41 @@ async fn create_topics_makes_missing_topics_with_the_configured_partitions() {
         Some(Some(0))
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_topics_waits_for_a_kafka_that_is_down_at_start() {
+    let s = Setup::bare("gw-create-late");
+    let stack = common::PrivateStack::new(&s.dir);
+    let kafka = stack.kafka_bootstrap();
+    let mut gw = s.start_with(
+        &common::mqtt_broker(),
+        &kafka,
+        &[("GATEWAY__KAFKA__CREATE_TOPICS", "true".into())],
+        "gateway",
+    );
+    let http = s.http.clone();
+    let up = common::eventually(Duration::from_secs(20), || {
+        matches!(common::http_get(&http, "/readyz"), Ok((503, _)))
+    })
+    .await;
+    assert!(up && gw.is_running(), "log:\n{}", gw.log_text());
+    stack.run(&["up", "kafka"]);
+    // Kafka answers without our topics: the gateway creates them instead of giving up.
+    s.wait_ready(&mut gw).await;
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &kafka)
+        .create()
+        .expect("client");
+    use rdkafka::consumer::Consumer;
+    for (topic, partitions) in [(&s.topic, 6), (&s.dlq, 1)] {
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
+        assert_eq!(md.topics()[0].partitions().len(), partitions, "{topic}");
+    }
+    assert!(gw.is_running());
+    assert_eq!(
+        gw.terminate(Duration::from_secs(15)).map(|st| st.code()),
+        Some(Some(0))
+    );
+}

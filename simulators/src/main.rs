@@ -545,16 +545,17 @@ async fn run(s: Settings, quiet: bool, manifest_path: Option<PathBuf>) -> Result
         out.clear();
         fleet.tick(device, now_ms(), &mut out);
         for e in out.drain(..) {
-            if !e.payload.is_empty() {
-                let conn = &conns[device % conns.len()];
-                conn.publish(topics[device].clone(), s.qos, e.payload.clone())
-                    .await?;
-                stats.sent.fetch_add(1, Ordering::Relaxed);
-            }
+            manifest.record(fleet.device_id(device), &e);
             if e.fault.is_some() {
                 stats.faults.fetch_add(1, Ordering::Relaxed);
             }
-            manifest.record(fleet.device_id(device), &e);
+            if !e.payload.is_empty() {
+                // A failed publish ends the run with an error and no manifest.
+                let conn = &conns[device % conns.len()];
+                conn.publish(topics[device].clone(), s.qos, e.payload)
+                    .await?;
+                stats.sent.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 

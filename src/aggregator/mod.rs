@@ -283,7 +283,6 @@ fn consume_loop(
 fn apply_batch(shared: &Shared, batch: &mut [(i32, i64, Parsed)], stored: &mut HashMap<i32, i64>) {
     let m = &shared.metrics;
     let assigned = shared.assigned().clone();
-    let now = now_ms();
     let mut state = shared.state();
     for (partition, offset, parsed) in batch.iter_mut() {
         if !assigned.contains(partition) {
@@ -299,7 +298,7 @@ fn apply_batch(shared: &Shared, batch: &mut [(i32, i64, Parsed)], stored: &mut H
             }
         };
         let (t, h) = (r.temperature, r.humidity);
-        match state.apply(r, now) {
+        match state.apply(r) {
             Outcome::Applied => m.applied(t, h, false),
             Outcome::AppliedLate => m.applied(t, h, true),
             Outcome::ReplayedOffset => m.skipped("replayed_offset"),

@@ -92,13 +92,10 @@ pub struct DeviceState {
     pub partition: i32,
     pub temperature: f64,
     pub humidity: f64,
-    /// Event time of the newest reading, epoch ms.
+    /// Event time of the newest reading (the highest seen), epoch ms.
     pub last_ts_ms: i64,
-    /// Wall-clock time the newest reading was applied, epoch ms.
-    pub last_seen_ms: i64,
     pub count: u64,
     last_seq: Option<u64>,
-    max_ts_ms: i64,
     /// Open windows, oldest first.
     open: VecDeque<Window>,
     /// Closed windows, oldest first, at most `windows_kept`.
@@ -170,7 +167,7 @@ impl State {
         }
     }
 
-    pub fn apply(&mut self, r: Applied, now_ms: i64) -> Outcome {
+    pub fn apply(&mut self, r: Applied) -> Outcome {
         if self
             .applied
             .get(&r.partition)
@@ -188,10 +185,8 @@ impl State {
             temperature: r.temperature,
             humidity: r.humidity,
             last_ts_ms: r.ts_ms,
-            last_seen_ms: now_ms,
             count: 0,
             last_seq: None,
-            max_ts_ms: i64::MIN,
             open: VecDeque::new(),
             closed: VecDeque::new(),
         });
@@ -205,14 +200,14 @@ impl State {
         }
         d.partition = r.partition;
         d.count += 1;
-        d.last_seen_ms = now_ms;
-        if r.ts_ms >= d.last_ts_ms || d.count == 1 {
+        // Last values are by event time: an older reading arriving late does not
+        // replace them (a new device starts with this reading's ts).
+        if r.ts_ms >= d.last_ts_ms {
             d.temperature = r.temperature;
             d.humidity = r.humidity;
             d.last_ts_ms = r.ts_ms;
         }
-        d.max_ts_ms = d.max_ts_ms.max(r.ts_ms);
-        let watermark = d.max_ts_ms - lateness;
+        let watermark = d.last_ts_ms - lateness;
         let start = r.ts_ms - r.ts_ms.rem_euclid(size);
         let outcome = if start + size <= watermark {
             Outcome::AppliedLate
@@ -273,7 +268,7 @@ impl State {
     }
 
     pub fn is_online(&self, d: &DeviceState, now_ms: i64) -> bool {
-        now_ms - d.max_ts_ms <= (self.cfg.offline_after_secs * 1000) as i64
+        now_ms - d.last_ts_ms <= (self.cfg.offline_after_secs * 1000) as i64
     }
 
     /// Devices sorted by id.
@@ -315,22 +310,19 @@ mod tests {
             ..Default::default()
         });
         let base = 1_767_225_600_000; // window-aligned
+        assert_eq!(s.apply(r("a", 10.0, 40.0, base, None, 0)), Outcome::Applied);
         assert_eq!(
-            s.apply(r("a", 10.0, 40.0, base, None, 0), 0),
+            s.apply(r("a", 20.0, 60.0, base + 30_000, None, 1)),
             Outcome::Applied
         );
         assert_eq!(
-            s.apply(r("a", 20.0, 60.0, base + 30_000, None, 1), 0),
-            Outcome::Applied
-        );
-        assert_eq!(
-            s.apply(r("a", 30.0, 50.0, base + 59_999, None, 2), 0),
+            s.apply(r("a", 30.0, 50.0, base + 59_999, None, 2)),
             Outcome::Applied
         );
         let d = &s.devices["a"];
         assert!(d.last_closed().is_none());
         // Next window: closes the first.
-        s.apply(r("a", 5.0, 10.0, base + 60_000, None, 3), 0);
+        s.apply(r("a", 5.0, 10.0, base + 60_000, None, 3));
         let d = &s.devices["a"];
         let w = d.last_closed().unwrap();
         assert_eq!((w.start_ms, w.end_ms, w.count), (base, base + 60_000, 3));
@@ -346,7 +338,7 @@ mod tests {
         assert_eq!((d.temperature, d.humidity), (5.0, 10.0));
         // Late for the closed window: counted, not windowed.
         assert_eq!(
-            s.apply(r("a", 99.0, 99.0, base + 1, None, 4), 0),
+            s.apply(r("a", 99.0, 99.0, base + 1, None, 4)),
             Outcome::AppliedLate
         );
         assert_eq!(s.devices["a"].last_closed().unwrap().count, 3);
@@ -365,14 +357,14 @@ mod tests {
             ..Default::default()
         });
         let base = 1_000_000;
-        s.apply(r("a", 1.0, 1.0, base, None, 0), 0);
-        s.apply(r("a", 2.0, 1.0, base + 12_000, None, 1), 0);
+        s.apply(r("a", 1.0, 1.0, base, None, 0));
+        s.apply(r("a", 2.0, 1.0, base + 12_000, None, 1));
         // Watermark = 7_000 after start: window 0 is still open for late data.
         assert_eq!(
-            s.apply(r("a", 3.0, 1.0, base + 9_000, None, 2), 0),
+            s.apply(r("a", 3.0, 1.0, base + 9_000, None, 2)),
             Outcome::Applied
         );
-        s.apply(r("a", 2.0, 1.0, base + 15_000, None, 3), 0);
+        s.apply(r("a", 2.0, 1.0, base + 15_000, None, 3));
         let w = s.devices["a"].last_closed().unwrap();
         assert_eq!((w.count, w.temperature.max), (2, 3.0));
     }
@@ -380,33 +372,24 @@ mod tests {
     #[test]
     fn replays_are_not_counted_twice() {
         let mut s = State::new(AggregationConfig::default());
-        assert_eq!(s.apply(r("a", 1.0, 1.0, 0, None, 5), 0), Outcome::Applied);
+        assert_eq!(s.apply(r("a", 1.0, 1.0, 0, None, 5)), Outcome::Applied);
         assert_eq!(
-            s.apply(r("a", 1.0, 1.0, 0, None, 5), 0),
+            s.apply(r("a", 1.0, 1.0, 0, None, 5)),
             Outcome::ReplayedOffset
         );
         assert_eq!(
-            s.apply(r("a", 1.0, 1.0, 0, None, 4), 0),
+            s.apply(r("a", 1.0, 1.0, 0, None, 4)),
             Outcome::ReplayedOffset
         );
+        assert_eq!(s.apply(r("b", 1.0, 1.0, 0, Some(7), 6)), Outcome::Applied);
         assert_eq!(
-            s.apply(r("b", 1.0, 1.0, 0, Some(7), 6), 0),
-            Outcome::Applied
-        );
-        assert_eq!(
-            s.apply(r("b", 1.0, 1.0, 0, Some(7), 7), 0),
+            s.apply(r("b", 1.0, 1.0, 0, Some(7), 7)),
             Outcome::DuplicateSeq
         );
-        assert_eq!(
-            s.apply(r("b", 1.0, 1.0, 0, Some(8), 8), 0),
-            Outcome::Applied
-        );
+        assert_eq!(s.apply(r("b", 1.0, 1.0, 0, Some(8), 8)), Outcome::Applied);
         // A counter restart far below is accepted.
         s.cfg.seq_replay_window = 3;
-        assert_eq!(
-            s.apply(r("b", 1.0, 1.0, 0, Some(1), 9), 0),
-            Outcome::Applied
-        );
+        assert_eq!(s.apply(r("b", 1.0, 1.0, 0, Some(1), 9)), Outcome::Applied);
         assert_eq!(s.devices["a"].count, 1);
         assert_eq!(s.devices["b"].count, 3);
     }
@@ -414,19 +397,16 @@ mod tests {
     #[test]
     fn revoke_drops_devices_of_the_partition() {
         let mut s = State::new(AggregationConfig::default());
-        s.apply(r("a", 1.0, 1.0, 0, None, 0), 0);
-        s.apply(
-            Applied {
-                partition: 1,
-                ..r("b", 1.0, 1.0, 0, None, 0)
-            },
-            0,
-        );
+        s.apply(r("a", 1.0, 1.0, 0, None, 0));
+        s.apply(Applied {
+            partition: 1,
+            ..r("b", 1.0, 1.0, 0, None, 0)
+        });
         s.revoke(&[0]);
         assert!(!s.devices.contains_key("a"));
         assert!(s.devices.contains_key("b"));
         // The offset memory went with it: a re-assigned partition starts fresh.
-        assert_eq!(s.apply(r("a", 1.0, 1.0, 0, None, 0), 0), Outcome::Applied);
+        assert_eq!(s.apply(r("a", 1.0, 1.0, 0, None, 0)), Outcome::Applied);
     }
 
     #[test]
@@ -435,8 +415,8 @@ mod tests {
             offline_after_secs: 10,
             ..Default::default()
         });
-        s.apply(r("a", 1.0, 1.0, 1_000, None, 0), 1_000);
-        s.apply(r("b", 1.0, 1.0, 5_000, None, 1), 30_000);
+        s.apply(r("a", 1.0, 1.0, 1_000, None, 0));
+        s.apply(r("b", 1.0, 1.0, 5_000, None, 1));
         assert_eq!(s.online(11_000), 2);
         assert_eq!(s.online(11_001), 1);
         assert_eq!(s.online(20_000), 0);

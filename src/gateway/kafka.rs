@@ -170,7 +170,7 @@ pub async fn create_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<
     Ok(())
 }
 
-/// Sum of the lengths of the headers (for logs and tests).
+/// The value of header `name` as text, if present and UTF-8.
 pub fn header_str<'a>(h: &'a impl Headers, name: &str) -> Option<&'a str> {
     h.iter()
         .find(|x| x.key == name)

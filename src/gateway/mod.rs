@@ -65,8 +65,6 @@ pub enum GatewayError {
     Producer(#[from] KafkaError),
     #[error("topic {topic:?} does not exist on {servers}; create it (scripts/stack up does) or set kafka.create_topics = true")]
     MissingTopic { topic: String, servers: String },
-    #[error("creating topics: {0}")]
-    CreateTopics(String),
     #[error("MQTT: {0}")]
     Mqtt(String),
 }
@@ -97,10 +95,13 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     // MQTT first: the broker starts keeping our messages as soon as we are
     // subscribed, even while Kafka is still being checked (nothing is acked
     // until Kafka has it).
-    let mut mqtt = if cfg.mqtt.enabled {
-        Some(mqtt::start(&cfg.mqtt, metrics.clone()).map_err(GatewayError::Mqtt)?)
+    let (mqtt, mut mqtt_rx) = if cfg.mqtt.enabled {
+        let (source, events) =
+            mqtt::start(&cfg.mqtt, metrics.clone()).map_err(GatewayError::Mqtt)?;
+        (Some(source), events)
     } else {
-        None
+        // A closed channel: the pipeline sees no MQTT source.
+        (None, mpsc::unbounded_channel().1)
     };
     if let Err(e) = check_topics(&cfg, &producer, &metrics).await {
         if let Some(m) = mqtt {
@@ -129,16 +130,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     );
 
     let mut pipeline = Pipeline::new(&cfg, producer.clone(), metrics.clone());
-    let (mut mqtt_rx, acker) = match mqtt.as_mut() {
-        Some(m) => {
-            let (_, rx) = mpsc::unbounded_channel();
-            (std::mem::replace(&mut m.events, rx), Some(m.acker.clone()))
-        }
-        None => {
-            let (_, rx) = mpsc::unbounded_channel();
-            (rx, None)
-        }
-    };
+    let acker = mqtt.as_ref().map(|m| m.acker.clone());
     let mut sim_rx = match sim {
         Some(rx) => rx,
         None => mpsc::channel(1).1,
@@ -184,12 +176,8 @@ async fn check_topics(
     metrics: &GatewayMetrics,
 ) -> Result<(), GatewayError> {
     if cfg.kafka.create_topics {
-        let mut topics = vec![(cfg.kafka.topic.as_str(), cfg.kafka.partitions)];
-        if cfg.kafka.dlq_enabled {
-            topics.push((cfg.kafka.dlq_topic.as_str(), 1));
-        }
-        if let Err(e) = kafka::create_topics(&cfg.kafka, &topics).await {
-            warn!(error = %e, "could not create topics yet (Kafka down?); will check again");
+        if let Err(e) = create_topics(cfg).await {
+            warn!(error = %e, "could not create topics yet (Kafka down?); trying again when Kafka answers");
         }
     }
     match topics_state(cfg, producer.clone(), Duration::from_secs(5)).await {
@@ -206,6 +194,15 @@ async fn check_topics(
             Ok(())
         }
     }
+}
+
+/// Creates the main topic and (if enabled) the DLQ; existing ones are kept.
+async fn create_topics(cfg: &GatewayConfig) -> Result<(), String> {
+    let mut topics = vec![(cfg.kafka.topic.as_str(), cfg.kafka.partitions)];
+    if cfg.kafka.dlq_enabled {
+        topics.push((cfg.kafka.dlq_topic.as_str(), 1));
+    }
+    kafka::create_topics(&cfg.kafka, &topics).await
 }
 
 /// `Ok(None)`: all topics exist; `Ok(Some(t))`: `t` is missing.
@@ -247,7 +244,6 @@ async fn probe_kafka(
             _ = stop.cancelled() => return,
         }
         metrics.kafka_queue_depth.set(kafka::queue_depth(&producer));
-        let _ = metrics.readiness(cfg.mqtt.enabled);
         let state = topics_state(&cfg, producer.clone(), Duration::from_secs(3)).await;
         let was = metrics.kafka_reachable.get() == 1;
         match state {
@@ -260,7 +256,13 @@ async fn probe_kafka(
             }
             Ok(Some(topic)) if missing_probes < 3 => {
                 missing_probes += 1;
-                warn!(topic = %topic, "topic not found (yet) on a reachable Kafka");
+                if cfg.kafka.create_topics {
+                    if let Err(e) = create_topics(&cfg).await {
+                        warn!(topic = %topic, error = %e, "creating the topic failed");
+                    }
+                } else {
+                    warn!(topic = %topic, "topic not found (yet) on a reachable Kafka");
+                }
             }
             Ok(Some(topic)) => {
                 let _ = fatal
@@ -278,6 +280,7 @@ async fn probe_kafka(
                 metrics.kafka_reachable.set(0);
             }
         }
+        let _ = metrics.readiness(cfg.mqtt.enabled);
     }
 }
 
@@ -309,6 +312,8 @@ struct Pipeline {
     retries: VecDeque<Pending>,
     value_buf: String,
     pkids: Vec<u16>,
+    /// Each topic filter with the position of its first `+` (the device id).
+    plus_segments: Vec<(String, Option<usize>)>,
 }
 
 impl Pipeline {
@@ -328,6 +333,12 @@ impl Pipeline {
             retries: VecDeque::new(),
             value_buf: String::with_capacity(256),
             pkids: Vec::with_capacity(1024),
+            plus_segments: cfg
+                .mqtt
+                .topics
+                .iter()
+                .map(|f| (f.clone(), f.split('/').position(|s| s == "+")))
+                .collect(),
         }
     }
 
@@ -439,12 +450,10 @@ impl Pipeline {
         let segment = match self.cfg.mqtt.device_id_segment {
             Some(s) => s,
             None => self
-                .cfg
-                .mqtt
-                .topics
+                .plus_segments
                 .iter()
-                .find(|f| topic_matches(f, topic))
-                .and_then(|f| f.split('/').position(|s| s == "+"))?,
+                .find(|(f, _)| topic_matches(f, topic))
+                .and_then(|(_, seg)| *seg)?,
         };
         topic.split('/').nth(segment)
     }
@@ -610,24 +619,33 @@ impl Pipeline {
                     .dropped(metrics::KAFKA_REJECTED, &e.to_string());
                 self.finish(meta.ack_id);
             } else {
-                let rej_detail = e.to_string();
-                let key = r.key.clone();
+                // A valid reading Kafka refused for good (e.g. too large for the
+                // topic): dead-letter it with the broker's reason.
+                let detail = e.to_string();
                 let meta = Box::new(InFlight {
                     dlq_reason: Some(metrics::KAFKA_REJECTED),
                     attempts: 0,
                     ..*meta
                 });
-                // A valid reading Kafka refused for good (e.g. too large for the
-                // topic): dead-letter it with the broker's reason.
-                let now = reading::format_ts(chrono::Utc::now().timestamp_millis());
+                let Retry {
+                    key,
+                    payload,
+                    headers,
+                    ..
+                } = r;
+                let received_at = headers
+                    .as_ref()
+                    .and_then(|h| kafka::header_str(h, "received_at"))
+                    .map(str::to_string)
+                    .unwrap_or_else(|| reading::format_ts(chrono::Utc::now().timestamp_millis()));
                 let source = self.cfg.kafka.topic.clone();
                 let d = DeadLetter {
                     reason: metrics::KAFKA_REJECTED,
-                    detail: &rej_detail,
+                    detail: &detail,
                     source: &source,
-                    received_at: &now,
+                    received_at: &received_at,
                 };
-                self.dead_letter(d, key, &r.payload, meta);
+                self.dead_letter(d, key, &payload, meta);
             }
             return;
         }

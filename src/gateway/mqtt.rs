@@ -180,14 +180,16 @@ impl Loop {
 #[derive(Debug)]
 pub struct MqttSource {
     pub acker: Acker,
-    pub events: mpsc::UnboundedReceiver<SourceEvent>,
     pub task: JoinHandle<()>,
     /// Cancel to let the event loop stop retrying a lost connection.
     pub stop: CancellationToken,
 }
 
-/// Starts the client and its event-loop task.
-pub fn start(cfg: &MqttConfig, metrics: GatewayMetrics) -> Result<MqttSource, String> {
+/// Starts the client and its event-loop task; what arrives comes on the receiver.
+pub fn start(
+    cfg: &MqttConfig,
+    metrics: GatewayMetrics,
+) -> Result<(MqttSource, mpsc::UnboundedReceiver<SourceEvent>), String> {
     let (host, port) = parse_mqtt_url(&cfg.url)?;
     let keep_alive = Duration::from_secs(cfg.keep_alive_secs.max(5));
     // Request channel: acks for a whole broker in-flight window fit without waiting.
@@ -230,12 +232,7 @@ pub fn start(cfg: &MqttConfig, metrics: GatewayMetrics) -> Result<MqttSource, St
         metrics,
         stop.clone(),
     ));
-    Ok(MqttSource {
-        acker,
-        events: rx,
-        task,
-        stop,
-    })
+    Ok((MqttSource { acker, task, stop }, rx))
 }
 
 async fn event_loop(

@@ -311,15 +311,10 @@ pub async fn consume_from(
     out
 }
 
-/// Header value as text.
+/// Header value as text (the gateway's own helper).
 pub fn header<'a>(m: &'a rdkafka::message::OwnedMessage, name: &str) -> Option<&'a str> {
-    use rdkafka::message::Headers;
     use rdkafka::Message;
-    let h = m.headers()?;
-    h.iter()
-        .find(|x| x.key == name)
-        .and_then(|x| x.value)
-        .and_then(|v| std::str::from_utf8(v).ok())
+    iot_gateway::gateway::kafka::header_str(m.headers()?, name)
 }
 
 // ------------------------------------------------------------------ processes
