@@ -287,6 +287,7 @@ def start_gateway(name, topic, dlq, prefix, mode, http_port):
         "GATEWAY__KAFKA__DLQ_TOPIC": dlq,
         "GATEWAY__KAFKA__DELIVERY_MODE": mode,
         "GATEWAY__HTTP__LISTEN": f"127.0.0.1:{http_port}",
+        "GATEWAY__SPOOL__DIR": str(ROOT / "bench" / "out" / "spool" / unique(name)),
         "RUST_LOG": "warn",
     }
     gw = Proc(name, [str(REL / "gateway"), "run", "--config", "configs/gateway.toml"], env)

@@ -110,10 +110,53 @@ pub struct GatewayConfig {
     pub mqtt: MqttConfig,
     pub simulate: SimulateConfig,
     pub kafka: KafkaConfig,
+    pub spool: SpoolConfig,
     pub validation: Limits,
     pub http: HttpConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncMode {
+    /// fsync before acknowledging (group commit).
+    Batch,
+    /// fsync every `fsync_interval_ms`; acknowledged on write (may lose that window).
+    Interval,
+    /// Leave write-back to the OS (tests, benchmarks).
+    Never,
+}
+
+/// `[spool]`: the durable store-and-forward buffer between intake and Kafka.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// false: no spool; readings are acknowledged to MQTT once Kafka has them.
+    pub enabled: bool,
+    /// Directory of the spool (created if missing; one gateway per directory).
+    pub dir: PathBuf,
+    /// Most bytes of segment files; then `on_full` applies.
+    pub max_bytes: u64,
+    /// A segment is sealed and a new one started past this size.
+    pub segment_bytes: u64,
+    pub fsync: FsyncMode,
+    pub fsync_interval_ms: u64,
+    pub on_full: crate::gateway::spool::OnFull,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            enabled: true,
+            dir: PathBuf::from("spool"),
+            max_bytes: 1 << 30,
+            segment_bytes: 64 << 20,
+            fsync: FsyncMode::Batch,
+            fsync_interval_ms: 1000,
+            on_full: crate::gateway::spool::OnFull::Block,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -267,7 +310,8 @@ pub struct KafkaConfig {
     /// none, gzip, snappy or lz4.
     pub compression: String,
     pub linger_ms: u64,
-    /// After this a delivery attempt fails and the gateway sends it again.
+    /// librdkafka's message.timeout.ms; 0 (default) = retry until Kafka takes
+    /// it, which keeps order across outages (in-flight is bounded by max_in_flight).
     pub message_timeout_ms: u64,
     /// Any librdkafka producer property, passed through as is.
     pub properties: BTreeMap<String, String>,
@@ -288,7 +332,7 @@ impl Default for KafkaConfig {
             max_in_flight: 20_000,
             compression: "lz4".into(),
             linger_ms: 5,
-            message_timeout_ms: 60_000,
+            message_timeout_ms: 0,
             properties: BTreeMap::new(),
         }
     }
@@ -448,6 +492,24 @@ impl GatewayConfig {
                 "kafka.partitions",
                 "partitions and replication_factor must be >= 1",
             );
+        }
+        let sp = &self.spool;
+        if sp.enabled {
+            if sp.dir.as_os_str().is_empty() {
+                return bad("spool.dir", "must not be empty");
+            }
+            if sp.segment_bytes < 4096 {
+                return bad("spool.segment_bytes", "must be at least 4096");
+            }
+            if sp.max_bytes < 2 * sp.segment_bytes {
+                return bad(
+                    "spool.max_bytes",
+                    "must be at least 2 x spool.segment_bytes",
+                );
+            }
+            if sp.fsync == FsyncMode::Interval && sp.fsync_interval_ms == 0 {
+                return bad("spool.fsync_interval_ms", "must be at least 1");
+            }
         }
         validate_common(origin, &self.validation, &self.http.listen)
     }

@@ -13,8 +13,9 @@ use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Readiness: `Ok(())` or the reasons the service is not ready.
-pub type ReadyFn = Arc<dyn Fn() -> Result<(), Vec<String>> + Send + Sync>;
+/// Readiness: `Ok(notes)` (ready; notes are shown in the body, e.g. "Kafka
+/// unreachable; spooling") or the reasons the service is not ready.
+pub type ReadyFn = Arc<dyn Fn() -> Result<Vec<String>, Vec<String>> + Send + Sync>;
 
 /// Appends series that are not in the registry (written at scrape time).
 pub type ExtraMetricsFn = Arc<dyn Fn(&mut String) + Send + Sync>;
@@ -61,7 +62,14 @@ async fn metrics(State(s): State<BaseState>) -> Response {
 
 async fn readyz(State(s): State<BaseState>) -> Response {
     match (s.ready)() {
-        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(notes) => {
+            let mut body = String::from("ready\n");
+            for n in notes {
+                body.push_str(&n);
+                body.push('\n');
+            }
+            (StatusCode::OK, body).into_response()
+        }
         Err(reasons) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {}\n", reasons.join("; ")),

@@ -73,6 +73,10 @@ impl Setup {
             ("GATEWAY__KAFKA__TOPIC", self.topic.clone()),
             ("GATEWAY__KAFKA__DLQ_TOPIC", self.dlq.clone()),
             ("GATEWAY__HTTP__LISTEN", self.http.clone()),
+            (
+                "GATEWAY__SPOOL__DIR",
+                self.dir.join("spool").display().to_string(),
+            ),
         ]
     }
 
@@ -659,7 +663,13 @@ async fn kafka_down_at_start_and_for_20s_mid_stream_loses_nothing() {
     s.topic = "weather".into();
     s.dlq = "weather.dlq".into();
     let kafka = stack.kafka_bootstrap();
-    let mut gw = s.start_with(&common::mqtt_broker(), &kafka, &[], "gateway");
+    // Without the spool: readings wait unacknowledged (the broker keeps them).
+    let mut gw = s.start_with(
+        &common::mqtt_broker(),
+        &kafka,
+        &[("GATEWAY__SPOOL__ENABLED", "false".into())],
+        "gateway",
+    );
     let http = s.http.clone();
     let up = common::eventually(Duration::from_secs(20), || {
         matches!(common::http_get(&http, "/healthz"), Ok((200, _)))
@@ -813,6 +823,10 @@ async fn simulated_fleet_runs_without_a_broker() {
             ("GATEWAY__HTTP__LISTEN", s.http.clone()),
             ("GATEWAY__SIMULATE__RATE_PER_DEVICE", "20".into()),
             ("GATEWAY__SIMULATE__FAULTS", "0.3".into()),
+            (
+                "GATEWAY__SPOOL__DIR",
+                s.dir.join("spool").display().to_string(),
+            ),
         ],
         &s.dir,
         "gateway",
@@ -936,14 +950,19 @@ async fn create_topics_waits_for_a_kafka_that_is_down_at_start() {
         "gateway",
     );
     let http = s.http.clone();
+    // Ready (accepting readings into the spool) while Kafka is unreachable.
     let up = common::eventually(Duration::from_secs(20), || {
-        matches!(common::http_get(&http, "/readyz"), Ok((503, _)))
+        matches!(common::http_get(&http, "/readyz"), Ok((200, b)) if b.contains("kafka: unreachable"))
     })
     .await;
     assert!(up && gw.is_running(), "log:\n{}", gw.log_text());
     stack.run(&["up", "kafka"]);
     // Kafka answers without our topics: the gateway creates them instead of giving up.
-    s.wait_ready(&mut gw).await;
+    let reachable = common::eventually(Duration::from_secs(60), || {
+        s.metric("gateway_kafka_reachable", &[]) == 1.0
+    })
+    .await;
+    assert!(reachable, "log:\n{}", gw.log_text());
     let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &kafka)
         .create()
@@ -958,6 +977,167 @@ async fn create_topics_waits_for_a_kafka_that_is_down_at_start() {
     assert!(gw.is_running());
     assert_eq!(
         gw.terminate(Duration::from_secs(15)).map(|st| st.code()),
+        Some(Some(0))
+    );
+}
+
+/// `count` readings for `devices` devices starting at `seq0`, published at
+/// about `rate` per second (QoS 1; waits for every PUBACK, across broker restarts).
+async fn publish_paced(
+    s: &Setup,
+    port: u16,
+    devices: usize,
+    seqs: std::ops::Range<u64>,
+    rate: u64,
+) {
+    let msgs = readings(s, devices, seqs.start..=seqs.end - 1);
+    // A tenth of a second of readings per connection, then wait for the clock.
+    let chunks = msgs.chunks((rate / 10).max(1) as usize);
+    let t0 = std::time::Instant::now();
+    let mut sent = 0usize;
+    for chunk in chunks {
+        publish_all("127.0.0.1", port, chunk, None).await;
+        sent += chunk.len();
+        let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+        if let Some(wait) = due.checked_sub(t0.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+fn kill9(stack: &common::PrivateStack, service: &str) {
+    let pid = std::fs::read_to_string(stack.dir.join("run").join(format!("{service}.pid")))
+        .expect("pid file");
+    let st = std::process::Command::new("kill")
+        .args(["-KILL", pid.trim()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+}
+
+/// The spool's promise against the real brokers: Kafka down for 3 minutes at
+/// ~2,000 readings/s; meanwhile Mosquitto and the gateway are each killed with
+/// -9 and restarted. Every reading the broker acknowledged to the publisher
+/// reaches Kafka once Kafka is back; duplicates are reported.
+#[tokio::test(flavor = "multi_thread")]
+async fn spool_keeps_every_reading_through_a_3_minute_kafka_outage_and_kill_9s() {
+    let mut s = Setup::bare("gw-spool-outage");
+    let stack = common::PrivateStack::new(&s.dir);
+    stack.run(&["up", "kafka", "mosquitto"]);
+    s.topic = "weather".into();
+    s.dlq = "weather.dlq".into();
+    let kafka = stack.kafka_bootstrap();
+    let mqtt = stack.mqtt_url();
+    let mut gw = s.start_with(&mqtt, &kafka, &[], "gateway-1");
+    s.wait_ready(&mut gw).await;
+    let (devices, rate) = (50usize, 2000u64);
+    let per_sec = rate / devices as u64; // seqs per device per second
+
+    // A: 10 s with Kafka up.
+    let mut seq = 0u64;
+    publish_paced(&s, stack.mqtt_port, devices, seq..seq + 10 * per_sec, rate).await;
+    seq += 10 * per_sec;
+    stack.run(&["down", "kafka"]);
+    let outage = std::time::Instant::now();
+    // B: 40 s into the spool; everything is acknowledged although Kafka is down.
+    publish_paced(&s, stack.mqtt_port, devices, seq..seq + 40 * per_sec, rate).await;
+    seq += 40 * per_sec;
+    let published = seq * devices as u64;
+    let acked = common::eventually(Duration::from_secs(30), || {
+        s.metric("gateway_mqtt_acks_total", &[]) >= published as f64
+    })
+    .await;
+    assert!(
+        acked,
+        "PUBACKed from the spool while Kafka is down; log:\n{}",
+        gw.log_text()
+    );
+    let (code, body) = readyz(&s);
+    assert!(code == 200 && body.contains("spooling"), "{code} {body}");
+    // The edge broker loses power: its queue for us is empty, the spool has it all.
+    kill9(&stack, "mosquitto");
+    stack.run(&["up", "mosquitto"]);
+    // C: 60 s; the gateway is killed with -9 after 20 s and back 5 s later.
+    let publisher = {
+        let s2 = Setup {
+            http: s.http.clone(),
+            dir: s.dir.clone(),
+            name: s.name.clone(),
+            topic: s.topic.clone(),
+            dlq: s.dlq.clone(),
+            prefix: s.prefix.clone(),
+        };
+        let port = stack.mqtt_port;
+        let range = seq..seq + 60 * per_sec;
+        tokio::spawn(async move { publish_paced(&s2, port, devices, range, rate).await })
+    };
+    seq += 60 * per_sec;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    gw.child.kill().expect("kill -9 gateway");
+    let _ = gw.child.wait();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut gw = s.start_with(&mqtt, &kafka, &[], "gateway-2");
+    s.wait_ready(&mut gw).await;
+    publisher.await.expect("publisher");
+    // D: until Kafka has been down for 3 minutes.
+    let rest = Duration::from_secs(180)
+        .saturating_sub(outage.elapsed())
+        .as_secs();
+    publish_paced(
+        &s,
+        stack.mqtt_port,
+        devices,
+        seq..seq + rest * per_sec,
+        rate,
+    )
+    .await;
+    seq += rest * per_sec;
+    let total = seq as usize * devices;
+    stack.run(&["up", "kafka"]);
+    let got = common::consume_from(
+        &kafka,
+        "weather",
+        total,
+        Duration::from_secs(300),
+        Duration::from_secs(3),
+    )
+    .await;
+    let seen = readings_seen(&got);
+    let missing = total - seen.len();
+    eprintln!(
+        "spool outage: {total} readings published and acknowledged by the broker, {} records in Kafka, {} distinct, {missing} missing, {} duplicates",
+        got.len(),
+        seen.len(),
+        got.len() - seen.len()
+    );
+    assert_eq!(
+        missing,
+        0,
+        "every acknowledged reading reached Kafka; log:\n{}",
+        gw.log_text()
+    );
+    // Per device, first occurrences are in seq order (the spool forwards in order).
+    let mut last: HashMap<String, u64> = HashMap::new();
+    let mut firsts = std::collections::HashSet::new();
+    for m in &got {
+        let v: serde_json::Value =
+            serde_json::from_slice(m.payload().expect("value")).expect("json");
+        let (d, q) = (
+            v["device_id"].as_str().expect("id").to_string(),
+            v["seq"].as_u64().expect("seq"),
+        );
+        if firsts.insert((d.clone(), q)) {
+            let prev = last.insert(d.clone(), q);
+            assert!(prev.is_none_or(|p| p < q), "{d}: seq {q} after {prev:?}");
+        }
+    }
+    let drained = common::eventually(Duration::from_secs(60), || {
+        s.metric("gateway_spool_records", &[]) == 0.0
+    })
+    .await;
+    assert!(drained, "spool drained after the outage");
+    assert_eq!(
+        gw.terminate(Duration::from_secs(20)).map(|st| st.code()),
         Some(Some(0))
     );
 }

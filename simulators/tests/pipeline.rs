@@ -117,6 +117,10 @@ async fn every_dashboard_query_returns_data_and_no_alert_fires() {
             ("GATEWAY__KAFKA__TOPIC", topic.clone()),
             ("GATEWAY__KAFKA__DLQ_TOPIC", dlq.clone()),
             ("GATEWAY__HTTP__LISTEN", format!("127.0.0.1:{gw_port}")),
+            (
+                "GATEWAY__SPOOL__DIR",
+                dir.join("spool").display().to_string(),
+            ),
         ],
         &dir,
         "gateway",

@@ -18,7 +18,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         let s = shared.clone();
         Arc::new(move || {
             if s.metrics.assigned.get() > 0 {
-                Ok(())
+                Ok(Vec::new())
             } else {
                 Err(vec!["no partitions assigned (yet)".to_string()])
             }

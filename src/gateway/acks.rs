@@ -8,6 +8,18 @@ use std::collections::VecDeque;
 /// Identifies one received message inside the tracker.
 pub type AckId = u64;
 
+/// What tells the pipeline that readings may be acknowledged.
+#[derive(Debug)]
+pub enum AckEvent {
+    /// These readings are settled: durable in the spool, or (spool disabled)
+    /// acknowledged by Kafka.
+    Ready(Vec<AckId>),
+    /// The spool is full (`on_full = "block"`, or the disk): PUBACKs stop.
+    SpoolFull(bool),
+    /// The spool cannot be written: stop without acknowledging more.
+    Fatal(String),
+}
+
 #[derive(Debug, Default)]
 pub struct AckTracker {
     /// Id of `slots[0]`.

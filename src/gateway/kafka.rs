@@ -8,38 +8,32 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Headers, Message, OwnedHeaders};
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use tokio::sync::mpsc;
 
+use super::spool::Record;
 use crate::config::{DeliveryMode, KafkaConfig};
 
 /// Per-record bookkeeping carried through librdkafka as the delivery opaque.
 #[derive(Debug)]
-pub struct InFlight {
-    /// Position in the ack tracker.
-    pub ack_id: super::acks::AckId,
-    pub received_at: std::time::Instant,
-    /// `None` for a reading on the main topic, else the DLQ reason code.
-    pub dlq_reason: Option<&'static str>,
+pub struct Meta {
+    /// The forwarder's id: a spool offset, or the ack id (spool disabled).
+    pub id: u64,
+    pub received_ms: i64,
+    pub dlq: bool,
+    /// The DLQ record's reason code (for the metric).
+    pub reason: Option<&'static str>,
+    pub seq: Option<u64>,
     /// Delivery attempts so far.
     pub attempts: u32,
 }
 
-/// A record that failed and may be sent again (copied out of librdkafka).
-#[derive(Debug)]
-pub struct Retry {
-    pub key: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
-    pub headers: Option<OwnedHeaders>,
-    pub timestamp: Option<i64>,
-}
-
-/// One delivery report.
+/// One delivery report; a failed record comes back to be sent again.
 #[derive(Debug)]
 pub struct Report {
-    pub meta: Box<InFlight>,
-    pub result: Result<(), (KafkaError, Retry)>,
+    pub meta: Box<Meta>,
+    pub result: Result<(), (KafkaError, Record)>,
 }
 
 /// Forwards delivery reports from librdkafka's polling thread to the pipeline.
@@ -54,21 +48,38 @@ impl ClientContext for ReportContext {
         // gateway_kafka_reachable report them, so keep the log readable.
         tracing::debug!(%error, reason, "librdkafka");
     }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        // librdkafka's own log (and its `debug` contexts, when set in
+        // kafka.properties) goes to our log instead of the unused `log` crate.
+        tracing::debug!(target: "iot_gateway::librdkafka", ?level, fac, "{message}");
+    }
 }
 
 impl ProducerContext for ReportContext {
-    type DeliveryOpaque = Box<InFlight>;
+    type DeliveryOpaque = Box<Meta>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, meta: Box<InFlight>) {
+    fn delivery(&self, result: &DeliveryResult<'_>, meta: Box<Meta>) {
         let result = match result {
             Ok(_) => Ok(()),
             Err((e, msg)) => Err((
                 e.clone(),
-                Retry {
+                Record {
+                    offset: meta.id,
+                    received_ms: meta.received_ms,
+                    ts_ms: msg.timestamp().to_millis(),
+                    dlq: meta.dlq,
+                    seq: meta.seq,
                     key: msg.key().map(<[u8]>::to_vec),
-                    payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                    headers: msg.headers().map(|h| h.detach()),
-                    timestamp: msg.timestamp().to_millis(),
+                    headers: msg
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|x| (x.key.to_string(), x.value.unwrap_or_default().to_vec()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    value: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
                 },
             )),
         };

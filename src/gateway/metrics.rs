@@ -34,6 +34,26 @@ pub struct GatewayMetrics {
     pub kafka_queue_depth: IntGauge,
     pub kafka_reachable: IntGauge,
     ready: IntGauge,
+    spool: SpoolMetrics,
+}
+
+/// The spool's series (all `gateway_spool_*`).
+#[derive(Clone)]
+struct SpoolMetrics {
+    bytes: IntGauge,
+    segments: IntGauge,
+    records: IntGauge,
+    oldest_age: prometheus::Gauge,
+    full: IntGauge,
+    appended: IntCounter,
+    fsync: Histogram,
+    dropped_full: IntCounter,
+    dropped_corrupt: IntCounter,
+    dropped_bytes: IntCounter,
+    truncated_bytes: IntCounter,
+    checkpoint_invalid: IntCounter,
+    quarantined: IntCounter,
+    duplicates: IntCounter,
 }
 
 impl std::fmt::Debug for GatewayMetrics {
@@ -121,7 +141,82 @@ impl GatewayMetrics {
         .expect("valid metric");
         build.set(1);
         r.register(Box::new(build)).expect("unique metric");
+        let fsync = Histogram::with_opts(
+            HistogramOpts::new(
+                "gateway_spool_fsync_duration_seconds",
+                "Time of one spool fdatasync (one per group of readings).",
+            )
+            .buckets(crate::telemetry::LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        r.register(Box::new(fsync.clone())).expect("unique metric");
+        let oldest_age = prometheus::Gauge::new(
+            "gateway_spool_oldest_unsent_age_seconds",
+            "Age of the oldest reading not yet acknowledged by Kafka (how far behind Kafka the edge is); 0 when none.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(oldest_age.clone()))
+            .expect("unique metric");
+        let spool_dropped = IntCounterVec::new(
+            Opts::new(
+                "gateway_spool_dropped_records_total",
+                "Spooled readings lost before Kafka had them, by reason: full (on_full = drop_oldest) or corrupt (damaged on disk).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(spool_dropped.clone()))
+            .expect("unique metric");
+        let spool = SpoolMetrics {
+            bytes: gauge(&r, "gateway_spool_bytes", "Bytes of spool segment files on disk."),
+            segments: gauge(&r, "gateway_spool_segments", "Spool segment files on disk."),
+            records: gauge(
+                &r,
+                "gateway_spool_records",
+                "Readings in the spool not yet acknowledged by Kafka.",
+            ),
+            oldest_age,
+            full: gauge(
+                &r,
+                "gateway_spool_full",
+                "1 while the spool is full and (on_full = block, or a full disk) readings are not acknowledged.",
+            ),
+            appended: counter(
+                &r,
+                "gateway_spool_appended_total",
+                "Records (readings and dead letters) written to the spool.",
+            ),
+            fsync,
+            dropped_full: spool_dropped.with_label_values(&["full"]),
+            dropped_corrupt: spool_dropped.with_label_values(&["corrupt"]),
+            dropped_bytes: counter(
+                &r,
+                "gateway_spool_dropped_bytes_total",
+                "Bytes of spool segments deleted by on_full = drop_oldest.",
+            ),
+            truncated_bytes: counter(
+                &r,
+                "gateway_spool_recovery_truncated_bytes_total",
+                "Bytes cut from damaged spool tails at start-up (torn writes).",
+            ),
+            checkpoint_invalid: counter(
+                &r,
+                "gateway_spool_recovery_checkpoint_invalid_total",
+                "Start-ups that found the spool checkpoint unreadable or ahead of the data (everything unacknowledged is sent again).",
+            ),
+            quarantined: counter(
+                &r,
+                "gateway_spool_quarantined_segments_total",
+                "Damaged spool segments moved (or copied before repair) to quarantine/.",
+            ),
+            duplicates: counter(
+                &r,
+                "gateway_spool_duplicates_skipped_total",
+                "Readings not spooled again: same device, seq and ts as one spooled recently (MQTT redelivery, retained message).",
+            ),
+        };
         GatewayMetrics {
+            spool,
             received_mqtt: received.with_label_values(&["mqtt"]),
             received_simulated: received.with_label_values(&["simulated"]),
             rejected: labelled(
@@ -165,7 +260,7 @@ impl GatewayMetrics {
             mqtt_acks: counter(
                 &r,
                 "gateway_mqtt_acks_total",
-                "PUBACKs sent (only after Kafka acknowledged the reading or its DLQ record).",
+                "PUBACKs sent: once the reading (or its DLQ record) is durable in the spool, or with the spool disabled, in Kafka.",
             ),
             seq_gaps: counter(
                 &r,
@@ -197,19 +292,116 @@ impl GatewayMetrics {
     }
 
     /// What `/readyz` reports; also kept in `gateway_ready` for alerting.
-    pub fn readiness(&self, mqtt_enabled: bool) -> Result<(), Vec<String>> {
+    /// With the spool, ready means "accepting readings": an unreachable Kafka
+    /// is a note (readings are spooled), not a reason.
+    pub fn readiness(
+        &self,
+        mqtt_enabled: bool,
+        spool_enabled: bool,
+    ) -> Result<Vec<String>, Vec<String>> {
         let mut why = Vec::new();
+        let mut notes = Vec::new();
         if self.kafka_reachable.get() != 1 {
-            why.push("Kafka not reachable".to_string());
+            if spool_enabled {
+                notes.push("kafka: unreachable; spooling to disk".to_string());
+            } else {
+                why.push("Kafka not reachable".to_string());
+            }
         }
         if mqtt_enabled && self.mqtt_connected.get() != 1 {
             why.push("MQTT not connected".to_string());
         }
+        if self.spool.full.get() == 1 {
+            why.push("spool full: readings are not acknowledged".to_string());
+        }
         self.ready.set(i64::from(why.is_empty()));
         if why.is_empty() {
-            Ok(())
+            Ok(notes)
         } else {
             Err(why)
+        }
+    }
+
+    pub fn spool_recovered(&self, r: &super::spool::Recovery) {
+        self.spool.truncated_bytes.inc_by(r.truncated_bytes);
+        self.spool.dropped_corrupt.inc_by(r.corrupt_records);
+        self.spool.quarantined.inc_by(r.quarantined_segments);
+        if r.checkpoint_invalid {
+            self.spool.checkpoint_invalid.inc();
+        }
+        if r.corrupt_records > 0 || r.quarantined_segments > 0 || r.checkpoint_invalid {
+            error!(
+                lost_records = r.corrupt_records,
+                quarantined_segments = r.quarantined_segments,
+                checkpoint_invalid = r.checkpoint_invalid,
+                "the spool was damaged; recovered what could be read"
+            );
+        }
+        if r.truncated_bytes > 0 {
+            warn!(
+                bytes = r.truncated_bytes,
+                "spool tail truncated (an unfinished write before a crash)"
+            );
+        }
+        info!(pending = r.pending_records, "spool open");
+    }
+
+    pub fn spool_appended(&self, n: usize) {
+        self.spool.appended.inc_by(n as u64);
+    }
+
+    pub fn spool_fsync(&self, d: Duration) {
+        self.spool.fsync.observe(d.as_secs_f64());
+    }
+
+    pub fn spool_full(&self, full: bool) {
+        if full {
+            warn!("spool full: readings are no longer acknowledged (the broker keeps them) until Kafka frees space");
+        } else {
+            info!("spool has room again: acknowledging readings");
+        }
+        self.spool.full.set(i64::from(full));
+    }
+
+    pub fn spool_dropped_full(&self, records: u64, bytes: u64) {
+        if records > 0 || bytes > 0 {
+            warn!(
+                records,
+                bytes,
+                "spool full: oldest readings not yet in Kafka dropped (on_full = drop_oldest)"
+            );
+            self.spool.dropped_full.inc_by(records);
+            self.spool.dropped_bytes.inc_by(bytes);
+        }
+    }
+
+    pub fn spool_dropped_corrupt(&self, records: u64) {
+        self.spool.dropped_corrupt.inc_by(records);
+    }
+
+    pub fn spool_gauges(&self, bytes: u64, segments: usize, records: u64, oldest_age_secs: f64) {
+        self.spool.bytes.set(bytes as i64);
+        self.spool.segments.set(segments as i64);
+        self.spool.records.set(records as i64);
+        self.spool.oldest_age.set(oldest_age_secs);
+    }
+
+    pub fn duplicate_skipped(&self, device: &[u8], seq: u64) {
+        debug!(device = %String::from_utf8_lossy(device), seq, "repeat of a spooled reading; not spooled again");
+        self.spool.duplicates.inc();
+    }
+
+    /// The fixed reason code matching a DLQ record's `reason` header.
+    pub fn reason_code(&self, reason: &[u8]) -> Option<&'static str> {
+        self.dead_lettered
+            .keys()
+            .find(|k| k.as_bytes() == reason)
+            .copied()
+    }
+
+    pub fn dead_lettered(&self, reason: Option<&'static str>) {
+        if let Some(c) = reason.and_then(|r| self.dead_lettered.get(r)) {
+            c.inc();
         }
     }
 
@@ -231,12 +423,6 @@ impl GatewayMetrics {
     pub fn delivered(&self, latency: Duration) {
         self.delivered.inc();
         self.latency.observe(latency.as_secs_f64());
-    }
-
-    pub fn dead_lettered(&self, reason: &'static str) {
-        if let Some(c) = self.dead_lettered.get(reason) {
-            c.inc();
-        }
     }
 
     pub fn dropped(&self, reason: &str, detail: &str) {

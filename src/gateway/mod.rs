@@ -1,36 +1,49 @@
-//! The gateway: sources (MQTT, simulated) -> validation -> Kafka, at least once.
+//! The gateway: sources (MQTT, simulated) -> intake -> spool -> forwarder -> Kafka.
 //!
-//! One pipeline task owns all mutable state (ack tracker, sequence tracker,
-//! in-flight count): sources send it [`SourceEvent`]s, librdkafka sends it
-//! delivery reports, and it acknowledges MQTT messages in arrival order once
-//! Kafka has them (or their dead-letter record). When `max_in_flight` readings
-//! are waiting for Kafka it stops taking new ones; the MQTT connection stays up.
+//! A reading passes each part once:
+//! - [`mqtt`] / [`simulated`]: sources, sending [`SourceEvent`]s.
+//! - [`intake`] (pure): the Kafka record it becomes (reading or dead letter).
+//! - [`spool`]: durable log; its writer thread confirms readings after the
+//!   group fsync. (With `spool.enabled = false` records go straight on.)
+//! - [`forwarder`]: the only Kafka producer user; settles records when Kafka
+//!   acknowledged them and checkpoints the spool.
+//! - [`acks`]: PUBACKs in arrival order for the settled prefix.
+//!
+//! The pipeline task below owns the ack tracker and the sequence tracker; it
+//! stops taking readings while `max_in_flight` are unsettled (the MQTT
+//! connection stays up; the broker holds the rest).
 
 pub mod acks;
+pub mod dedup;
+pub mod forwarder;
+pub mod intake;
 pub mod kafka;
 pub mod metrics;
 pub mod mqtt;
 pub mod seq;
 pub mod simulated;
+pub mod spool;
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::Producer;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use self::acks::AckTracker;
-use self::kafka::{GatewayProducer, InFlight, Report, Retry, TopicState};
+use self::acks::{AckEvent, AckTracker};
+use self::dedup::Recent;
+use self::forwarder::{Feed, Forwarder};
+use self::intake::Intake;
+use self::kafka::{GatewayProducer, TopicState};
 use self::metrics::GatewayMetrics;
 use self::seq::{SeqOutcome, SeqTracker};
-use crate::config::{DeliveryMode, GatewayConfig};
-use crate::reading::{self, SCHEMA_VERSION};
+use self::spool::writer::{Entry, SyncPolicy, Writer};
+use self::spool::{Record, Spool, SpoolOptions};
+use crate::config::{FsyncMode, GatewayConfig};
 
 /// One received payload.
 #[derive(Debug, Clone)]
@@ -67,21 +80,77 @@ pub enum GatewayError {
     MissingTopic { topic: String, servers: String },
     #[error("MQTT: {0}")]
     Mqtt(String),
+    #[error("spool: {0}")]
+    Spool(String),
+    #[error("Kafka producer failed for good: {0}")]
+    ProducerFatal(String),
+}
+
+/// The open spool: the writer's side and the directory lock.
+struct OpenSpool {
+    spool: Arc<Mutex<Spool>>,
+    reader: spool::SpoolReader,
+    recent: Recent,
+    _lock: std::fs::File,
+}
+
+fn open_spool(cfg: &GatewayConfig, metrics: &GatewayMetrics) -> Result<OpenSpool, GatewayError> {
+    let dir = &cfg.spool.dir;
+    let ctx = |what: &str, e: std::io::Error| {
+        GatewayError::Spool(format!("{what} {} (spool.dir): {e}", dir.display()))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| ctx("cannot create", e))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .map_err(|e| ctx("cannot open the lock file in", e))?;
+    if lock.try_lock().is_err() {
+        return Err(GatewayError::Spool(format!(
+            "{} (spool.dir) is in use by another gateway; give each gateway its own spool.dir",
+            dir.display()
+        )));
+    }
+    let (spool, reader, rec) = Spool::open(SpoolOptions {
+        dir: dir.clone(),
+        max_bytes: cfg.spool.max_bytes,
+        segment_bytes: cfg.spool.segment_bytes,
+        on_full: cfg.spool.on_full,
+    })
+    .map_err(|e| ctx("cannot open the spool in", e))?;
+    metrics.spool_recovered(&rec);
+    let mut recent = Recent::new(spool::RECENT_KEEP);
+    for (k, seq, ts) in &rec.recent {
+        recent.check_and_insert(k, *seq, *ts);
+    }
+    Ok(OpenSpool {
+        spool: Arc::new(Mutex::new(spool)),
+        reader,
+        recent,
+        _lock: lock,
+    })
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then drains: stops intake,
-/// waits (up to the grace period) for in-flight deliveries, acknowledges what
-/// was delivered and disconnects. What was not delivered stays unacknowledged.
+/// acknowledges what is settled, disconnects MQTT, and gives Kafka the grace
+/// period for what is in flight. What was not settled stays unacknowledged.
 pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), GatewayError> {
     let metrics = GatewayMetrics::new();
+    // The spool first: a directory we cannot use stops us before we connect.
+    let opened = if cfg.spool.enabled {
+        Some(open_spool(&cfg, &metrics)?)
+    } else {
+        None
+    };
 
     let listener = crate::http::bind(&cfg.http.listen, "http.listen")
         .await
         .map_err(GatewayError::Http)?;
     info!(addr = %cfg.http.listen, "serving /metrics, /healthz, /readyz");
     let ready = {
-        let (m, mqtt_on) = (metrics.clone(), cfg.mqtt.enabled);
-        Arc::new(move || m.readiness(mqtt_on))
+        let (m, mqtt_on, spool_on) = (metrics.clone(), cfg.mqtt.enabled, cfg.spool.enabled);
+        Arc::new(move || m.readiness(mqtt_on, spool_on))
     };
     let http_stop = CancellationToken::new();
     let http_task = tokio::spawn(crate::http::serve(
@@ -93,14 +162,12 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     let (producer, reports) = kafka::producer(&cfg.kafka)?;
     let producer = Arc::new(producer);
     // MQTT first: the broker starts keeping our messages as soon as we are
-    // subscribed, even while Kafka is still being checked (nothing is acked
-    // until Kafka has it).
+    // subscribed, even while Kafka is still being checked.
     let (mqtt, mut mqtt_rx) = if cfg.mqtt.enabled {
         let (source, events) =
             mqtt::start(&cfg.mqtt, metrics.clone()).map_err(GatewayError::Mqtt)?;
         (Some(source), events)
     } else {
-        // A closed channel: the pipeline sees no MQTT source.
         (None, mpsc::unbounded_channel().1)
     };
     if let Err(e) = check_topics(&cfg, &producer, &metrics).await {
@@ -120,33 +187,87 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         fatal_tx,
     ));
 
+    // Settled readings come back on one channel, from the spool writer or
+    // (spool disabled) from the forwarder.
+    let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<AckEvent>();
+    let grace = Duration::from_millis(cfg.shutdown.grace_period_ms);
+    let fwd_stop = CancellationToken::new();
+    let (out, feed, recent) = match opened {
+        Some(o) => {
+            let policy = match cfg.spool.fsync {
+                FsyncMode::Batch => SyncPolicy::Batch,
+                FsyncMode::Interval => {
+                    SyncPolicy::Interval(Duration::from_millis(cfg.spool.fsync_interval_ms))
+                }
+                FsyncMode::Never => SyncPolicy::Never,
+            };
+            let writer = Writer::start(o.spool.clone(), policy, settled_tx, metrics.clone())
+                .map_err(|e| GatewayError::Spool(format!("starting the writer thread: {e}")))?;
+            let feed = Feed::Spool {
+                reader: o.reader,
+                spool: o.spool,
+            };
+            (
+                Out::Spool(writer, Vec::new()),
+                feed,
+                Some((o.recent, o._lock)),
+            )
+        }
+        None => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let feed = Feed::Memory {
+                rx,
+                settled: settled_tx,
+            };
+            (Out::Memory(tx), feed, None)
+        }
+    };
+    let spool_mode = recent.is_some();
+    let forwarder = tokio::spawn(
+        Forwarder::new(&cfg.kafka, producer.clone(), metrics.clone()).run(
+            feed,
+            reports,
+            fwd_stop.clone(),
+            if spool_mode {
+                grace
+            } else {
+                Duration::from_secs(1)
+            },
+        ),
+    );
+
     let sim = (cfg.simulate.devices > 0).then(|| simulated::start(&cfg.simulate, shutdown.clone()));
     info!(
         mqtt = cfg.mqtt.enabled,
         simulated_devices = cfg.simulate.devices,
         topic = %cfg.kafka.topic,
         mode = ?cfg.kafka.delivery_mode,
+        spool = spool_mode,
         "gateway running"
     );
-
-    let mut pipeline = Pipeline::new(&cfg, producer.clone(), metrics.clone());
+    let (recent, _lock) = match recent {
+        Some((r, l)) => (Some(r), Some(l)),
+        None => (None, None),
+    };
+    let mut pipeline = Pipeline::new(&cfg, metrics.clone(), out, recent);
     let acker = mqtt.as_ref().map(|m| m.acker.clone());
     let mut sim_rx = match sim {
         Some(rx) => rx,
         None => mpsc::channel(1).1,
     };
-    let result = pipeline
+    let mut result = pipeline
         .run(
             &mut mqtt_rx,
             &mut sim_rx,
-            reports,
+            &mut settled_rx,
             acker.as_ref(),
             &shutdown,
             &mut fatal_rx,
         )
         .await;
+    pipeline.out.close();
 
-    // Drained (or gave up after the grace period): disconnect cleanly.
+    // Drained (or gave up): disconnect cleanly, then let Kafka have the rest.
     if let Some(m) = mqtt {
         m.stop.cancel();
         m.acker.disconnect().await;
@@ -157,11 +278,13 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
             warn!("MQTT event loop did not stop in 3 s");
         }
     }
-    probe_stop.cancel();
-    let left = producer.in_flight_count();
-    if left > 0 {
-        warn!(records = left, "shutting down with records not acknowledged by Kafka; their MQTT messages stay unacknowledged and will be redelivered");
+    fwd_stop.cancel();
+    match forwarder.await {
+        Ok(Err(e)) if result.is_ok() => result = Err(e),
+        Ok(_) => {}
+        Err(e) => error!(error = %e, "forwarder task failed"),
     }
+    probe_stop.cancel();
     http_stop.cancel();
     let _ = http_task.await;
     result
@@ -243,7 +366,14 @@ async fn probe_kafka(
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
-        metrics.kafka_queue_depth.set(kafka::queue_depth(&producer));
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            // An idempotent producer in a fatal state never sends again: stop
+            // (nothing unsettled is lost: it is in the spool or unacknowledged).
+            let _ = fatal
+                .send(GatewayError::ProducerFatal(format!("{code:?}: {reason}")))
+                .await;
+            return;
+        }
         let state = topics_state(&cfg, producer.clone(), Duration::from_secs(3)).await;
         let was = metrics.kafka_reachable.get() == 1;
         match state {
@@ -280,36 +410,39 @@ async fn probe_kafka(
                 metrics.kafka_reachable.set(0);
             }
         }
-        let _ = metrics.readiness(cfg.mqtt.enabled);
+        let _ = metrics.readiness(cfg.mqtt.enabled, cfg.spool.enabled);
     }
 }
 
-/// Why and whence a payload is dead-lettered (its DLQ headers).
-struct DeadLetter<'a> {
-    reason: &'static str,
-    detail: &'a str,
-    source: &'a str,
-    received_at: &'a str,
+/// Where intake's records go.
+enum Out {
+    /// To the spool writer; entries of one wake-up are sent together.
+    Spool(Writer, Vec<Entry>),
+    /// Straight to the forwarder (spool disabled).
+    Memory(mpsc::UnboundedSender<(u64, Record)>),
+    Closed,
 }
 
-/// A record waiting to be (re)sent.
-struct Pending {
-    dlq: bool,
-    retry: Retry,
-    meta: Box<InFlight>,
-    not_before: Instant,
+impl Out {
+    fn close(&mut self) {
+        if let Out::Spool(w, _) = std::mem::replace(self, Out::Closed) {
+            w.finish();
+        }
+    }
 }
 
 struct Pipeline {
     cfg: GatewayConfig,
-    producer: Arc<GatewayProducer>,
     metrics: GatewayMetrics,
     tracker: AckTracker,
     seqs: SeqTracker,
-    /// Accepted and not yet finished (delivered, dead-lettered or dropped).
-    in_flight: usize,
+    /// Duplicate detection (spool only: a skipped repeat is confirmed after
+    /// the original is durable, in order).
+    recent: Option<Recent>,
+    out: Out,
+    /// Accepted and not yet settled.
+    pending: usize,
     window: usize,
-    retries: VecDeque<Pending>,
     value_buf: String,
     pkids: Vec<u16>,
     /// Each topic filter with the position of its first `+` (the device id).
@@ -317,20 +450,16 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    fn new(cfg: &GatewayConfig, producer: Arc<GatewayProducer>, metrics: GatewayMetrics) -> Self {
-        let window = match cfg.kafka.delivery_mode {
-            DeliveryMode::Async => cfg.kafka.max_in_flight,
-            DeliveryMode::Sync => 1,
-        };
+    fn new(cfg: &GatewayConfig, metrics: GatewayMetrics, out: Out, recent: Option<Recent>) -> Self {
         Pipeline {
             cfg: cfg.clone(),
-            producer,
             metrics,
             tracker: AckTracker::new(),
             seqs: SeqTracker::default(),
-            in_flight: 0,
-            window,
-            retries: VecDeque::new(),
+            recent,
+            out,
+            pending: 0,
+            window: cfg.kafka.max_in_flight,
             value_buf: String::with_capacity(256),
             pkids: Vec::with_capacity(1024),
             plus_segments: cfg
@@ -346,30 +475,32 @@ impl Pipeline {
         &mut self,
         mqtt_rx: &mut mpsc::UnboundedReceiver<SourceEvent>,
         sim_rx: &mut mpsc::Receiver<SourceEvent>,
-        mut reports: mpsc::UnboundedReceiver<Report>,
+        settled: &mut mpsc::UnboundedReceiver<AckEvent>,
         acker: Option<&mqtt::Acker>,
         shutdown: &CancellationToken,
         fatal: &mut mpsc::Receiver<GatewayError>,
     ) -> Result<(), GatewayError> {
         let grace = Duration::from_millis(self.cfg.shutdown.grace_period_ms);
         let mut deadline: Option<tokio::time::Instant> = None;
-        let mut retry_tick = tokio::time::interval(Duration::from_millis(50));
         let (mut mqtt_open, mut sim_open) = (true, true);
         let mut outcome = Ok(());
         loop {
             let draining = deadline.is_some();
-            let intake = !draining && self.in_flight < self.window;
+            let intake = !draining && self.pending < self.window;
             tokio::select! {
                 biased;
-                Some(r) = reports.recv() => {
-                    self.on_report(r);
-                    // Take every report already waiting: one wake-up, one ack batch.
-                    while let Ok(r) = reports.try_recv() {
-                        self.on_report(r);
+                Some(ev) = settled.recv() => {
+                    if let Err(e) = self.on_settled(ev) {
+                        // Nothing more is acknowledged: what is not, the broker redelivers.
+                        error!(error = %e, "fatal");
+                        return Err(e);
+                    }
+                    while let Ok(ev) = settled.try_recv() {
+                        self.on_settled(ev)?;
                     }
                 }
                 _ = shutdown.cancelled(), if !draining => {
-                    info!(in_flight = self.in_flight, grace_ms = grace.as_millis() as u64, "shutting down: intake stopped, flushing");
+                    info!(pending = self.pending, grace_ms = grace.as_millis() as u64, "shutting down: intake stopped, settling what was accepted");
                     deadline = Some(tokio::time::Instant::now() + grace);
                 }
                 Some(e) = fatal.recv(), if !draining => {
@@ -380,8 +511,8 @@ impl Pipeline {
                 ev = mqtt_rx.recv(), if intake && mqtt_open => match ev {
                     Some(ev) => {
                         self.on_event(ev);
-                        // Drain what already arrived, within the in-flight window.
-                        while self.in_flight < self.window {
+                        // Drain what already arrived, within the window.
+                        while self.pending < self.window {
                             let Ok(ev) = mqtt_rx.try_recv() else { break };
                             self.on_event(ev);
                         }
@@ -391,35 +522,49 @@ impl Pipeline {
                 ev = sim_rx.recv(), if intake && sim_open => match ev {
                     Some(ev) => {
                         self.on_event(ev);
-                        while self.in_flight < self.window {
+                        while self.pending < self.window {
                             let Ok(ev) = sim_rx.try_recv() else { break };
                             self.on_event(ev);
                         }
                     }
                     None => sim_open = false,
                 },
-                _ = retry_tick.tick(), if !self.retries.is_empty() => self.resend_due(),
                 _ = sleep_until(deadline), if draining => {
-                    warn!(in_flight = self.in_flight, "grace period over; undelivered readings stay unacknowledged");
+                    warn!(pending = self.pending, "grace period over; unsettled readings stay unacknowledged");
                     break;
                 }
             }
+            if let Out::Spool(w, batch) = &mut self.out {
+                if !batch.is_empty() && w.tx.send(std::mem::take(batch)).is_err() {
+                    return Err(GatewayError::Spool("the writer thread stopped".into()));
+                }
+            }
             self.flush_acks(acker).await;
-            self.metrics.in_flight.set(self.in_flight as i64);
-            if deadline.is_some() && self.in_flight == 0 {
-                info!("all accepted readings delivered");
+            if deadline.is_some() && self.pending == 0 {
+                info!("every accepted reading settled");
                 break;
             }
-            if !mqtt_open && !sim_open && self.in_flight == 0 && deadline.is_none() {
-                // Every source ended (e.g. a finite simulation): nothing left to do
-                // but wait for shutdown.
+            if !mqtt_open && !sim_open && self.pending == 0 && deadline.is_none() {
+                // Every source ended (e.g. a finite simulation): wait for shutdown.
                 shutdown.cancelled().await;
                 break;
             }
         }
-        // Purge nothing here: records still queued are simply not acknowledged.
-        let _ = self.producer.flush(Duration::from_millis(100));
         outcome
+    }
+
+    fn on_settled(&mut self, ev: AckEvent) -> Result<(), GatewayError> {
+        match ev {
+            AckEvent::Ready(ids) => {
+                for id in ids {
+                    self.tracker.complete(id);
+                    self.pending = self.pending.saturating_sub(1);
+                }
+            }
+            AckEvent::SpoolFull(_) => {}
+            AckEvent::Fatal(e) => return Err(GatewayError::Spool(e)),
+        }
+        Ok(())
     }
 
     async fn flush_acks(&mut self, acker: Option<&mqtt::Acker>) {
@@ -459,237 +604,72 @@ impl Pipeline {
     }
 
     fn on_message(&mut self, m: Incoming) {
-        let simulated = m.device.is_some();
-        self.metrics.received(simulated);
-        let ack_id = self.tracker.push(m.pkid);
-        self.in_flight += 1;
+        self.metrics.received(m.device.is_some());
+        let ack = self.tracker.push(m.pkid);
+        self.pending += 1;
         let topic_device = match &m.device {
             Some(d) => Some(d.as_str()),
             None => self.device_from_topic(&m.topic),
         };
-        let received_ts = reading::format_ts(m.received_ms);
-        let meta = |dlq_reason| {
-            Box::new(InFlight {
-                ack_id,
-                received_at: m.received_at,
-                dlq_reason,
-                attempts: 0,
-            })
-        };
-        match reading::parse(
-            &m.payload,
+        let dlq = self
+            .cfg
+            .kafka
+            .dlq_enabled
+            .then_some(self.cfg.kafka.dlq_max_payload_bytes);
+        let record = match intake::intake(
+            &m,
             topic_device,
-            m.received_ms,
             &self.cfg.validation,
-        ) {
-            Ok(r) => {
-                if let Some(seq) = r.seq {
-                    match self.seqs.observe(&r.device_id, seq) {
-                        SeqOutcome::Gap(n) => self.metrics.seq_gap(&r.device_id, n),
-                        SeqOutcome::Repeat => self.metrics.seq_repeat(&r.device_id),
-                        _ => {}
-                    }
-                }
-                self.value_buf.clear();
-                r.write_canonical_json(&mut self.value_buf);
-                let headers = OwnedHeaders::new_with_capacity(3)
-                    .insert(header("schema", SCHEMA_VERSION))
-                    .insert(header("source", &m.topic))
-                    .insert(header("received_at", &received_ts));
-                let retry = Retry {
-                    key: Some(r.device_id.into_bytes()),
-                    payload: std::mem::take(&mut self.value_buf).into_bytes(),
-                    headers: Some(headers),
-                    timestamp: Some(r.ts_ms),
-                };
-                self.send(false, retry, meta(None));
-            }
-            Err(rej) => {
-                self.metrics.rejected(&rej, &m.topic);
-                let key = topic_device.map(|d| d.as_bytes().to_vec());
-                let detail = rej.to_string();
-                let d = DeadLetter {
-                    reason: rej.code(),
-                    detail: &detail,
-                    source: &m.topic,
-                    received_at: &received_ts,
-                };
-                self.dead_letter(d, key, &m.payload, meta(Some(rej.code())));
-            }
-        }
-    }
-
-    /// Sends the raw payload (cut at `dlq_max_payload_bytes`) to the DLQ with
-    /// its reason, or, with the DLQ disabled, counts and logs it as dropped.
-    fn dead_letter(
-        &mut self,
-        d: DeadLetter<'_>,
-        key: Option<Vec<u8>>,
-        payload: &[u8],
-        meta: Box<InFlight>,
-    ) {
-        if !self.cfg.kafka.dlq_enabled {
-            self.metrics.dropped(d.reason, d.detail);
-            self.finish(meta.ack_id);
-            return;
-        }
-        let keep = payload.len().min(self.cfg.kafka.dlq_max_payload_bytes);
-        let mut headers = OwnedHeaders::new_with_capacity(6)
-            .insert(header("reason", d.reason))
-            .insert(header("detail", d.detail))
-            .insert(header("source", d.source))
-            .insert(header("received_at", d.received_at))
-            .insert(header("schema", SCHEMA_VERSION));
-        if keep < payload.len() {
-            headers = headers.insert(header("original_size", &payload.len().to_string()));
-        }
-        let retry = Retry {
-            key,
-            payload: payload[..keep].to_vec(),
-            headers: Some(headers),
-            timestamp: None,
-        };
-        self.send(true, retry, meta);
-    }
-
-    fn send(&mut self, dlq: bool, r: Retry, mut meta: Box<InFlight>) {
-        meta.attempts += 1;
-        let topic = if dlq {
-            self.cfg.kafka.dlq_topic.as_str()
-        } else {
-            self.cfg.kafka.topic.as_str()
-        };
-        let Retry {
-            key,
-            payload,
-            headers,
-            timestamp,
-        } = r;
-        let mut rec: BaseRecord<'_, [u8], [u8], Box<InFlight>> =
-            BaseRecord::with_opaque_to(topic, meta).payload(&payload[..]);
-        if let Some(k) = &key {
-            rec = rec.key(&k[..]);
-        }
-        if let Some(ts) = timestamp {
-            rec = rec.timestamp(ts);
-        }
-        if let Some(h) = headers {
-            rec = rec.headers(h);
-        }
-        if let Err((e, rec)) = self.producer.send(rec) {
-            let BaseRecord {
-                headers,
-                delivery_opaque: meta,
-                ..
-            } = rec;
-            let retry = Retry {
-                key,
-                payload,
-                headers,
-                timestamp,
-            };
-            self.on_failure(dlq, e, retry, meta);
-        }
-    }
-
-    fn on_report(&mut self, rep: Report) {
-        let dlq = rep.meta.dlq_reason.is_some();
-        match rep.result {
-            Ok(()) => {
-                match rep.meta.dlq_reason {
-                    None => self.metrics.delivered(rep.meta.received_at.elapsed()),
-                    Some(reason) => self.metrics.dead_lettered(reason),
-                }
-                self.finish(rep.meta.ack_id);
-            }
-            Err((e, retry)) => self.on_failure(dlq, e, retry, rep.meta),
-        }
-    }
-
-    fn on_failure(&mut self, dlq: bool, e: KafkaError, r: Retry, meta: Box<InFlight>) {
-        let topic = if dlq {
-            &self.cfg.kafka.dlq_topic
-        } else {
-            &self.cfg.kafka.topic
-        };
-        if kafka::is_permanent(&e) {
-            self.metrics.delivery_permanent(&e, topic);
-            if dlq {
-                self.metrics
-                    .dropped(metrics::KAFKA_REJECTED, &e.to_string());
-                self.finish(meta.ack_id);
-            } else {
-                // A valid reading Kafka refused for good (e.g. too large for the
-                // topic): dead-letter it with the broker's reason.
-                let detail = e.to_string();
-                let meta = Box::new(InFlight {
-                    dlq_reason: Some(metrics::KAFKA_REJECTED),
-                    attempts: 0,
-                    ..*meta
-                });
-                let Retry {
-                    key,
-                    payload,
-                    headers,
-                    ..
-                } = r;
-                let received_at = headers
-                    .as_ref()
-                    .and_then(|h| kafka::header_str(h, "received_at"))
-                    .map(str::to_string)
-                    .unwrap_or_else(|| reading::format_ts(chrono::Utc::now().timestamp_millis()));
-                let source = self.cfg.kafka.topic.clone();
-                let d = DeadLetter {
-                    reason: metrics::KAFKA_REJECTED,
-                    detail: &detail,
-                    source: &source,
-                    received_at: &received_at,
-                };
-                self.dead_letter(d, key, &payload, meta);
-            }
-            return;
-        }
-        if !matches!(
-            e,
-            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
-        ) {
-            self.metrics.delivery_retriable(&e);
-        }
-        let backoff = Duration::from_millis((100u64 << meta.attempts.min(6)).min(5_000));
-        self.retries.push_back(Pending {
             dlq,
-            retry: r,
-            meta,
-            not_before: Instant::now() + backoff,
-        });
-    }
-
-    fn resend_due(&mut self) {
-        let now = Instant::now();
-        let mut n = self.retries.len();
-        while n > 0 {
-            n -= 1;
-            let Some(p) = self.retries.pop_front() else {
-                break;
-            };
-            if p.not_before > now {
-                self.retries.push_back(p);
-                continue;
+            &mut self.value_buf,
+        ) {
+            Intake::Reading(r) => {
+                let key = r.key.as_deref().unwrap_or_default();
+                let dup = match (r.seq, &mut self.recent) {
+                    (Some(seq), Some(recent)) => {
+                        recent.check_and_insert(key, seq, r.ts_ms.unwrap_or(0))
+                    }
+                    _ => false,
+                };
+                if dup {
+                    self.metrics.duplicate_skipped(key, r.seq.unwrap_or(0));
+                    None
+                } else {
+                    if let Some(seq) = r.seq {
+                        let device = String::from_utf8_lossy(key);
+                        match self.seqs.observe(&device, seq) {
+                            SeqOutcome::Gap(n) => self.metrics.seq_gap(&device, n),
+                            SeqOutcome::Repeat => self.metrics.seq_repeat(&device),
+                            _ => {}
+                        }
+                    }
+                    Some(r)
+                }
             }
-            self.send(p.dlq, p.retry, p.meta);
+            Intake::Rejected {
+                rejection,
+                dead_letter,
+            } => {
+                self.metrics.rejected(&rejection, &m.topic);
+                if dead_letter.is_none() {
+                    self.metrics
+                        .dropped(rejection.code(), &rejection.to_string());
+                }
+                dead_letter
+            }
+        };
+        match (&mut self.out, record) {
+            (Out::Spool(_, batch), record) => batch.push(Entry { ack, record }),
+            (Out::Memory(tx), Some(r)) => {
+                if tx.send((ack, r)).is_err() {
+                    warn!("forwarder stopped; reading left unacknowledged");
+                }
+            }
+            (Out::Memory(_), None) | (Out::Closed, _) => {
+                self.tracker.complete(ack);
+                self.pending = self.pending.saturating_sub(1);
+            }
         }
-    }
-
-    fn finish(&mut self, ack_id: acks::AckId) {
-        self.tracker.complete(ack_id);
-        self.in_flight = self.in_flight.saturating_sub(1);
-    }
-}
-
-fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
-    Header {
-        key,
-        value: Some(value),
     }
 }
 

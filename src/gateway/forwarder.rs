@@ -1,0 +1,404 @@
+//! The forwarder: the only part that talks to Kafka. It takes records in order
+//! (from the spool, or straight from the pipeline when the spool is disabled),
+//! keeps at most `kafka.max_in_flight` of them in librdkafka, and settles each
+//! one when Kafka acknowledged it (or its dead-letter record).
+//!
+//! Order: librdkafka's idempotent producer keeps per-partition order across its
+//! own retries, and `message.timeout.ms = 0` means it retries until Kafka is
+//! back instead of failing records (a timed-out record sent again becomes a new
+//! record behind later ones). The in-flight window bounds what it holds.
+//!
+//! With the spool, the contiguous prefix of acknowledged offsets becomes the
+//! spool checkpoint once a second; without it, every settled id goes back to
+//! the pipeline, which PUBACKs in arrival order.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::BaseRecord;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use super::acks::AckEvent;
+use super::intake::dead_letter;
+use super::kafka::{self, GatewayProducer, Meta, Report};
+use super::metrics::{self, GatewayMetrics};
+use super::spool::{Record, Spool, SpoolReader};
+use super::GatewayError;
+use crate::config::{DeliveryMode, KafkaConfig};
+
+/// Where records come from.
+#[derive(Debug)]
+pub enum Feed {
+    Spool {
+        reader: SpoolReader,
+        spool: Arc<Mutex<Spool>>,
+    },
+    /// Spool disabled: (ack id, record) from the pipeline; settled ids go back.
+    Memory {
+        rx: mpsc::UnboundedReceiver<(u64, Record)>,
+        settled: mpsc::UnboundedSender<AckEvent>,
+    },
+}
+
+/// A record to send again after a retriable error.
+struct Retry {
+    at: Instant,
+    attempts: u32,
+    record: Record,
+}
+
+pub struct Forwarder {
+    cfg: KafkaConfig,
+    producer: Arc<GatewayProducer>,
+    metrics: GatewayMetrics,
+    window: usize,
+    /// Ids handed to Kafka in order: (id, received ms, settled?).
+    in_flight: VecDeque<(u64, i64, bool)>,
+    retries: VecDeque<Retry>,
+    /// Every id below this is settled (the spool checkpoint).
+    settled_through: Option<u64>,
+    checkpointed: u64,
+    batch: Vec<Record>,
+    settled_ids: Vec<u64>,
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder")
+            .field("in_flight", &self.in_flight.len())
+            .finish()
+    }
+}
+
+const READ_BATCH: usize = 2048;
+
+impl Forwarder {
+    pub fn new(cfg: &KafkaConfig, producer: Arc<GatewayProducer>, metrics: GatewayMetrics) -> Self {
+        Forwarder {
+            window: match cfg.delivery_mode {
+                DeliveryMode::Async => cfg.max_in_flight,
+                DeliveryMode::Sync => 1,
+            },
+            cfg: cfg.clone(),
+            producer,
+            metrics,
+            in_flight: VecDeque::new(),
+            retries: VecDeque::new(),
+            settled_through: None,
+            checkpointed: 0,
+            batch: Vec::with_capacity(READ_BATCH),
+            settled_ids: Vec::new(),
+        }
+    }
+
+    /// Runs until `stop`, then waits up to `grace` for what is in flight.
+    pub async fn run(
+        mut self,
+        feed: Feed,
+        mut reports: mpsc::UnboundedReceiver<Report>,
+        stop: CancellationToken,
+        grace: Duration,
+    ) -> Result<(), GatewayError> {
+        let mut retry_tick = tokio::time::interval(Duration::from_millis(50));
+        let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let (mut reader, spool, mut memory, settled) = match feed {
+            Feed::Spool { reader, spool } => (Some(reader), Some(spool), None, None),
+            Feed::Memory { rx, settled } => (None, None, Some(rx), Some(settled)),
+        };
+        let notify = spool.as_ref().map(|s| lock(s).shared().clone());
+        loop {
+            let draining = deadline.is_some();
+            let room = !draining && self.in_flight.len() < self.window;
+            tokio::select! {
+                biased;
+                Some(r) = reports.recv() => {
+                    self.on_report(r);
+                    while let Ok(r) = reports.try_recv() {
+                        self.on_report(r);
+                    }
+                }
+                _ = stop.cancelled(), if !draining => {
+                    deadline = Some(tokio::time::Instant::now() + grace);
+                }
+                _ = wait_notify(&notify), if room => {}
+                item = recv_memory(&mut memory), if room => match item {
+                    Some((id, mut rec)) => {
+                        rec.offset = id;
+                        self.start(id, rec.received_ms);
+                        self.send(rec, 0);
+                    }
+                    None => memory = None,
+                },
+                _ = retry_tick.tick(), if !self.retries.is_empty() => self.resend_due(),
+                _ = housekeeping.tick() => self.housekeeping(spool.as_ref()).await?,
+                _ = sleep_until(deadline), if draining => break,
+            }
+            self.settle(settled.as_ref());
+            if let Some(r) = &mut reader {
+                if !draining {
+                    self.read_spool(r)?;
+                }
+            }
+            if draining && self.in_flight.is_empty() {
+                break;
+            }
+            if settled.is_some() && memory.is_none() && self.in_flight.is_empty() {
+                break;
+            }
+        }
+        self.settle(settled.as_ref());
+        if !self.in_flight.is_empty() {
+            info!(records = self.in_flight.len(), "stopping with records not yet acknowledged by Kafka; they are sent again after a restart");
+        }
+        self.housekeeping(spool.as_ref()).await
+    }
+
+    /// Hands spool records to Kafka while the window has room.
+    fn read_spool(&mut self, reader: &mut SpoolReader) -> Result<(), GatewayError> {
+        while self.in_flight.len() < self.window {
+            let room = (self.window - self.in_flight.len()).min(READ_BATCH);
+            self.batch.clear();
+            let corrupt = reader.corrupt_skipped;
+            let n = reader
+                .read(room, &mut self.batch)
+                .map_err(|e| GatewayError::Spool(format!("reading the spool: {e}")))?;
+            self.metrics
+                .spool_dropped_corrupt(reader.corrupt_skipped - corrupt);
+            let mut batch = std::mem::take(&mut self.batch);
+            for rec in batch.drain(..) {
+                self.start(rec.offset, rec.received_ms);
+                self.send(rec, 0);
+            }
+            self.batch = batch;
+            if n < room {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, id: u64, received_ms: i64) {
+        self.in_flight.push_back((id, received_ms, false));
+    }
+
+    fn send(&mut self, rec: Record, attempts: u32) {
+        let topic = if rec.dlq {
+            self.cfg.dlq_topic.as_str()
+        } else {
+            self.cfg.topic.as_str()
+        };
+        let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
+        for (k, v) in &rec.headers {
+            headers = headers.insert(Header {
+                key: k.as_str(),
+                value: Some(v.as_slice()),
+            });
+        }
+        let meta = Box::new(Meta {
+            id: rec.offset,
+            received_ms: rec.received_ms,
+            dlq: rec.dlq,
+            reason: if rec.dlq {
+                rec.headers
+                    .iter()
+                    .find(|(k, _)| k == "reason")
+                    .and_then(|(_, v)| self.metrics.reason_code(v))
+            } else {
+                None
+            },
+            seq: rec.seq,
+            attempts: attempts + 1,
+        });
+        let mut br: BaseRecord<'_, [u8], [u8], Box<Meta>> = BaseRecord::with_opaque_to(topic, meta)
+            .payload(&rec.value[..])
+            .headers(headers);
+        if let Some(k) = &rec.key {
+            br = br.key(&k[..]);
+        }
+        if let Some(ts) = rec.ts_ms {
+            br = br.timestamp(ts);
+        }
+        if let Err((e, br)) = self.producer.send(br) {
+            let meta = br.delivery_opaque;
+            self.on_failure(e, rec, meta);
+        }
+    }
+
+    fn on_report(&mut self, r: Report) {
+        match r.result {
+            Ok(()) => {
+                if r.meta.dlq {
+                    self.metrics.dead_lettered(r.meta.reason);
+                } else {
+                    let ms = chrono::Utc::now().timestamp_millis() - r.meta.received_ms;
+                    self.metrics
+                        .delivered(Duration::from_millis(ms.max(0) as u64));
+                }
+                self.mark(r.meta.id);
+            }
+            Err((e, rec)) => self.on_failure(e, rec, r.meta),
+        }
+    }
+
+    #[allow(clippy::boxed_local)] // it comes boxed from librdkafka
+    fn on_failure(&mut self, e: KafkaError, mut rec: Record, meta: Box<Meta>) {
+        rec.offset = meta.id;
+        let topic = if rec.dlq {
+            &self.cfg.dlq_topic
+        } else {
+            &self.cfg.topic
+        };
+        if kafka::is_permanent(&e) {
+            self.metrics.delivery_permanent(&e, topic);
+            if rec.dlq || !self.cfg.dlq_enabled {
+                self.metrics
+                    .dropped(metrics::KAFKA_REJECTED, &e.to_string());
+                self.mark(meta.id);
+            } else {
+                // A valid reading Kafka refused for good (e.g. too large for the
+                // topic): dead-letter it with the broker's reason.
+                let source = rec
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == "source")
+                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_else(|| self.cfg.topic.clone());
+                let mut d = dead_letter(
+                    metrics::KAFKA_REJECTED,
+                    &e.to_string(),
+                    &source,
+                    rec.received_ms,
+                    rec.key.take(),
+                    &rec.value,
+                    self.cfg.dlq_max_payload_bytes,
+                );
+                d.offset = meta.id;
+                self.send(d, 0);
+            }
+            return;
+        }
+        if !matches!(
+            e,
+            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
+        ) {
+            self.metrics.delivery_retriable(&e);
+        }
+        let backoff = Duration::from_millis((100u64 << meta.attempts.min(6)).min(5_000));
+        self.retries.push_back(Retry {
+            at: Instant::now() + backoff,
+            attempts: meta.attempts,
+            record: rec,
+        });
+    }
+
+    fn resend_due(&mut self) {
+        let now = Instant::now();
+        for _ in 0..self.retries.len() {
+            let Some(r) = self.retries.pop_front() else {
+                break;
+            };
+            if r.at > now {
+                self.retries.push_back(r);
+            } else {
+                self.send(r.record, r.attempts);
+            }
+        }
+    }
+
+    /// Marks `id` settled; ids are in order in `in_flight`.
+    fn mark(&mut self, id: u64) {
+        if let Ok(i) = self.in_flight.binary_search_by_key(&id, |e| e.0) {
+            self.in_flight[i].2 = true;
+        }
+        self.settled_ids.push(id);
+    }
+
+    /// Releases the settled prefix: the checkpoint (spool) or the acks (memory).
+    fn settle(&mut self, settled: Option<&mpsc::UnboundedSender<AckEvent>>) {
+        while let Some(&(id, _, true)) = self.in_flight.front() {
+            self.in_flight.pop_front();
+            self.settled_through = Some(id + 1);
+        }
+        if let Some(settled) = settled {
+            if !self.settled_ids.is_empty() {
+                let _ = settled.send(AckEvent::Ready(std::mem::take(&mut self.settled_ids)));
+            }
+        } else {
+            self.settled_ids.clear();
+        }
+        self.metrics.in_flight.set(self.in_flight.len() as i64);
+    }
+
+    /// Once a second: the spool checkpoint and gauges.
+    async fn housekeeping(
+        &mut self,
+        spool: Option<&Arc<Mutex<Spool>>>,
+    ) -> Result<(), GatewayError> {
+        self.metrics
+            .kafka_queue_depth
+            .set(kafka::queue_depth(&self.producer));
+        let now = chrono::Utc::now().timestamp_millis();
+        let oldest = self.in_flight.front().map(|e| e.1);
+        let Some(spool) = spool else {
+            return Ok(());
+        };
+        let through = self.settled_through.filter(|&t| t > self.checkpointed);
+        let spool = spool.clone();
+        let stats = tokio::task::spawn_blocking(move || {
+            let mut s = lock(&spool);
+            if let Some(t) = through {
+                s.checkpoint(t)?;
+            }
+            Ok::<_, std::io::Error>((s.bytes(), s.segments(), s.next_offset() - s.acked()))
+        })
+        .await
+        .map_err(|e| GatewayError::Spool(format!("checkpoint task: {e}")))?
+        .map_err(|e| {
+            error!(error = %e, "writing the spool checkpoint failed");
+            GatewayError::Spool(format!("writing the spool checkpoint: {e}"))
+        })?;
+        if let Some(t) = through {
+            self.checkpointed = t;
+        }
+        let (bytes, segments, records) = stats;
+        let age = match oldest {
+            Some(ms) => (now - ms).max(0) as f64 / 1000.0,
+            None => 0.0,
+        };
+        self.metrics.spool_gauges(bytes, segments, records, age);
+        Ok(())
+    }
+}
+
+fn lock(spool: &Mutex<Spool>) -> std::sync::MutexGuard<'_, Spool> {
+    spool.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn wait_notify(n: &Option<Arc<super::spool::Shared>>) {
+    match n {
+        Some(s) => s.notify.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_memory(
+    rx: &mut Option<mpsc::UnboundedReceiver<(u64, Record)>>,
+) -> Option<(u64, Record)> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

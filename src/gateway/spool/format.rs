@@ -1,0 +1,333 @@
+//! Byte layout of segments, records and the checkpoint (pure, no I/O).
+//!
+//! All integers are little-endian. A record is
+//! `len u32 | crc u32 | body[len]` with `crc = CRC32C(len as 4 bytes ++ body)`,
+//! so a torn length can never validate. The body starts with the record's
+//! spool offset, which makes a zero-filled or recycled region fail even when a
+//! CRC happens to match.
+
+/// First bytes of every segment file.
+pub const SEGMENT_MAGIC: &[u8; 8] = b"IOTSPOOL";
+/// First bytes of the checkpoint file.
+pub const CHECKPOINT_MAGIC: &[u8; 8] = b"IOTSPCK1";
+pub const FORMAT_VERSION: u16 = 1;
+/// magic 8 | version u16 | flags u16 | base offset u64 | created ms i64 | crc u32
+pub const SEGMENT_HEADER_LEN: usize = 32;
+/// magic 8 | acked-through u64 | written ms i64 | crc u32
+pub const CHECKPOINT_LEN: usize = 28;
+/// `len` + `crc` in front of every body.
+pub const RECORD_PREFIX_LEN: usize = 8;
+/// Largest body accepted when reading back: anything larger is damage.
+pub const MAX_BODY_LEN: usize = 16 << 20;
+
+const FLAG_DLQ: u8 = 1;
+const FLAG_SEQ: u8 = 2;
+const FLAG_KEY: u8 = 4;
+const FLAG_TS: u8 = 8;
+
+/// One spooled Kafka record, exactly as it will be produced.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Record {
+    /// Spool offset (set by the spool when appended).
+    pub offset: u64,
+    /// When the gateway received the payload (epoch ms).
+    pub received_ms: i64,
+    /// Kafka record timestamp (the reading's `ts`), if any.
+    pub ts_ms: Option<i64>,
+    /// A dead-letter record (goes to the DLQ topic).
+    pub dlq: bool,
+    /// The device's `seq`, kept for duplicate detection after a restart.
+    pub seq: Option<u64>,
+    pub key: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub value: Vec<u8>,
+}
+
+/// Why bytes could not be read as a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bad {
+    /// Fewer bytes than the record needs (a torn tail, or not written yet).
+    Incomplete,
+    /// Length out of range, checksum mismatch or malformed body.
+    Corrupt(&'static str),
+}
+
+fn crc(len: u32, body: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&len.to_le_bytes()), body)
+}
+
+/// Appends `r` with `offset` to `out`.
+pub fn encode(r: &Record, offset: u64, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; RECORD_PREFIX_LEN]);
+    let mut flags = 0;
+    if r.dlq {
+        flags |= FLAG_DLQ;
+    }
+    if r.seq.is_some() {
+        flags |= FLAG_SEQ;
+    }
+    if r.key.is_some() {
+        flags |= FLAG_KEY;
+    }
+    if r.ts_ms.is_some() {
+        flags |= FLAG_TS;
+    }
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(&r.received_ms.to_le_bytes());
+    out.extend_from_slice(&r.ts_ms.unwrap_or(0).to_le_bytes());
+    out.push(flags);
+    out.extend_from_slice(&r.seq.unwrap_or(0).to_le_bytes());
+    put_bytes16(out, r.key.as_deref().unwrap_or_default());
+    out.extend_from_slice(&(r.headers.len().min(u16::MAX as usize) as u16).to_le_bytes());
+    for (k, v) in r.headers.iter().take(u16::MAX as usize) {
+        put_bytes16(out, k.as_bytes());
+        put_bytes32(out, v);
+    }
+    put_bytes32(out, &r.value);
+    let len = (out.len() - start - RECORD_PREFIX_LEN) as u32;
+    let c = crc(len, &out[start + RECORD_PREFIX_LEN..]);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&c.to_le_bytes());
+}
+
+// Keys and header names are short by construction (device ids, fixed names);
+// longer ones are cut rather than corrupting the record.
+fn put_bytes16(out: &mut Vec<u8>, b: &[u8]) {
+    let b = &b[..b.len().min(u16::MAX as usize)];
+    out.extend_from_slice(&(b.len() as u16).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn put_bytes32(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+/// Reads the prefix at the start of `buf`: `Ok(total record length)` when
+/// the length is plausible and the bytes are all there.
+pub fn record_len(buf: &[u8]) -> Result<usize, Bad> {
+    if buf.len() < RECORD_PREFIX_LEN {
+        return Err(Bad::Incomplete);
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if !(MIN_BODY_LEN..=MAX_BODY_LEN).contains(&len) {
+        return Err(Bad::Corrupt("record length out of range"));
+    }
+    if buf.len() < RECORD_PREFIX_LEN + len {
+        return Err(Bad::Incomplete);
+    }
+    Ok(RECORD_PREFIX_LEN + len)
+}
+
+/// offset, received, ts, flags, seq, key len, header count, value len.
+pub const MIN_BODY_LEN: usize = 8 + 8 + 8 + 1 + 8 + 2 + 2 + 4;
+
+/// The offset stored in a record whose prefix was accepted by [`record_len`].
+pub fn peek_offset(buf: &[u8]) -> u64 {
+    let mut o = [0u8; 8];
+    o.copy_from_slice(&buf[RECORD_PREFIX_LEN..RECORD_PREFIX_LEN + 8]);
+    u64::from_le_bytes(o)
+}
+
+/// Decodes the record at the start of `buf`; returns it and the bytes it took.
+pub fn decode(buf: &[u8]) -> Result<(Record, usize), Bad> {
+    let total = record_len(buf)?;
+    let len = (total - RECORD_PREFIX_LEN) as u32;
+    let want = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    let body = &buf[RECORD_PREFIX_LEN..total];
+    if crc(len, body) != want {
+        return Err(Bad::Corrupt("checksum mismatch"));
+    }
+    let mut c = Cursor { b: body, at: 0 };
+    let malformed = Bad::Corrupt("malformed record body");
+    let offset = c.u64().ok_or(malformed)?;
+    let received_ms = c.u64().ok_or(malformed)? as i64;
+    let ts = c.u64().ok_or(malformed)? as i64;
+    let flags = c.take(1).ok_or(malformed)?[0];
+    let seq = c.u64().ok_or(malformed)?;
+    let key = c.bytes16().ok_or(malformed)?.to_vec();
+    let n = c.u16().ok_or(malformed)?;
+    let mut headers = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let k = c.bytes16().ok_or(malformed)?;
+        let v = c.bytes32().ok_or(malformed)?;
+        headers.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+    }
+    let value = c.bytes32().ok_or(malformed)?.to_vec();
+    if c.at != body.len() {
+        return Err(malformed);
+    }
+    Ok((
+        Record {
+            offset,
+            received_ms,
+            ts_ms: (flags & FLAG_TS != 0).then_some(ts),
+            dlq: flags & FLAG_DLQ != 0,
+            seq: (flags & FLAG_SEQ != 0).then_some(seq),
+            key: (flags & FLAG_KEY != 0).then_some(key),
+            headers,
+            value,
+        },
+        total,
+    ))
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let s = self.b.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(s)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|s| u16::from_le_bytes([s[0], s[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        let s = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(s);
+        Some(u64::from_le_bytes(a))
+    }
+    fn bytes16(&mut self) -> Option<&'a [u8]> {
+        let n = self.u16()? as usize;
+        self.take(n)
+    }
+    fn bytes32(&mut self) -> Option<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+}
+
+/// A segment header for a segment whose first record has offset `base`.
+pub fn segment_header(base: u64, created_ms: i64) -> [u8; SEGMENT_HEADER_LEN] {
+    let mut h = [0u8; SEGMENT_HEADER_LEN];
+    h[..8].copy_from_slice(SEGMENT_MAGIC);
+    h[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[12..20].copy_from_slice(&base.to_le_bytes());
+    h[20..28].copy_from_slice(&created_ms.to_le_bytes());
+    let c = crc32c::crc32c(&h[..28]);
+    h[28..].copy_from_slice(&c.to_le_bytes());
+    h
+}
+
+/// The base offset in a valid segment header.
+pub fn parse_segment_header(h: &[u8]) -> Option<u64> {
+    if h.len() < SEGMENT_HEADER_LEN || &h[..8] != SEGMENT_MAGIC {
+        return None;
+    }
+    let c = u32::from_le_bytes([h[28], h[29], h[30], h[31]]);
+    if crc32c::crc32c(&h[..28]) != c || u16::from_le_bytes([h[8], h[9]]) != FORMAT_VERSION {
+        return None;
+    }
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h[12..20]);
+    Some(u64::from_le_bytes(b))
+}
+
+pub fn checkpoint(acked_through: u64, written_ms: i64) -> [u8; CHECKPOINT_LEN] {
+    let mut c = [0u8; CHECKPOINT_LEN];
+    c[..8].copy_from_slice(CHECKPOINT_MAGIC);
+    c[8..16].copy_from_slice(&acked_through.to_le_bytes());
+    c[16..24].copy_from_slice(&written_ms.to_le_bytes());
+    let crc = crc32c::crc32c(&c[..24]);
+    c[24..].copy_from_slice(&crc.to_le_bytes());
+    c
+}
+
+/// The acked-through offset of a valid checkpoint.
+pub fn parse_checkpoint(c: &[u8]) -> Option<u64> {
+    if c.len() != CHECKPOINT_LEN || &c[..8] != CHECKPOINT_MAGIC {
+        return None;
+    }
+    let crc = u32::from_le_bytes([c[24], c[25], c[26], c[27]]);
+    if crc32c::crc32c(&c[..24]) != crc {
+        return None;
+    }
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&c[8..16]);
+    Some(u64::from_le_bytes(b))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Record {
+        Record {
+            offset: 0,
+            received_ms: 1_700_000_000_123,
+            ts_ms: Some(1_700_000_000_000),
+            dlq: false,
+            seq: Some(42),
+            key: Some(b"dev-1".to_vec()),
+            headers: vec![("schema".into(), b"1".to_vec())],
+            value: br#"{"device_id":"dev-1"}"#.to_vec(),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut buf = Vec::new();
+        encode(&sample(), 7, &mut buf);
+        let mut none = Record {
+            key: None,
+            seq: None,
+            ts_ms: None,
+            dlq: true,
+            ..sample()
+        };
+        encode(&none, 8, &mut buf);
+        let (a, n) = decode(&buf).unwrap();
+        assert_eq!(
+            a,
+            Record {
+                offset: 7,
+                ..sample()
+            }
+        );
+        let (b, m) = decode(&buf[n..]).unwrap();
+        none.offset = 8;
+        assert_eq!(b, none);
+        assert_eq!(n + m, buf.len());
+    }
+
+    #[test]
+    fn every_cut_is_incomplete_and_every_bit_flip_is_caught() {
+        let mut buf = Vec::new();
+        encode(&sample(), 3, &mut buf);
+        for cut in 0..buf.len() {
+            assert!(decode(&buf[..cut]).is_err(), "cut at {cut}");
+        }
+        for byte in 0..buf.len() {
+            for bit in 0..8 {
+                let mut b = buf.clone();
+                b[byte] ^= 1 << bit;
+                assert!(decode(&b).is_err(), "flip {byte}:{bit}");
+            }
+        }
+        assert!(decode(&[0u8; 64]).is_err());
+    }
+
+    #[test]
+    fn headers_and_checkpoints() {
+        assert_eq!(parse_segment_header(&segment_header(99, 5)), Some(99));
+        let mut h = segment_header(99, 5);
+        h[13] ^= 1;
+        assert_eq!(parse_segment_header(&h), None);
+        assert_eq!(parse_checkpoint(&checkpoint(1234, 9)), Some(1234));
+        let mut c = checkpoint(1234, 9);
+        c[9] ^= 4;
+        assert_eq!(parse_checkpoint(&c), None);
+        assert_eq!(parse_checkpoint(&[0u8; 3]), None);
+    }
+}
