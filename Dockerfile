@@ -1,5 +1,5 @@
 # Multi-stage build of the project's binaries: gateway, aggregator, simulator.
-FROM rust:1.85-bookworm AS build
+FROM rust:1.89-bookworm AS build
 # librdkafka is built from source by rdkafka-sys with its configure script
 # (gcc, g++, make: all in the rust image).
 WORKDIR /src
@@ -8,7 +8,10 @@ RUN cargo build --release --locked --workspace --bins \
  && mkdir /out && cp target/release/gateway target/release/aggregator target/release/simulator /out/
 
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app \
+ && mkdir -p /var/lib/iot-gateway/spool && chown -R 10001 /var/lib/iot-gateway
+# The gateway's spool (mount a volume here: acknowledged readings live in it).
+VOLUME /var/lib/iot-gateway/spool
 COPY --from=build /out/ /usr/local/bin/
 COPY configs/gateway.toml configs/aggregator.toml /etc/iot-gateway/
 COPY simulators/scenarios /etc/iot-gateway/scenarios
