@@ -1141,3 +1141,166 @@ async fn spool_keeps_every_reading_through_a_3_minute_kafka_outage_and_kill_9s()
         Some(Some(0))
     );
 }
+
+/// A tmpfs mounted by the test (root only), unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs to fill the disk under the spool and needs root \
+             (CI runs as root): `sudo scripts/test`. mount said: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Distinct (device, seq) of `s`'s readings among `records` (several tests
+/// share a private Kafka's `weather`; the `source` header names the topic).
+fn readings_of(s: &Setup, records: &[OwnedMessage]) -> std::collections::BTreeSet<(String, u64)> {
+    let mine: Vec<OwnedMessage> = records
+        .iter()
+        .filter(|m| common::header(m, "source").is_some_and(|t| t.starts_with(&s.prefix)))
+        .cloned()
+        .collect();
+    readings_seen(&mine)
+}
+
+/// The spool on a 16 MiB tmpfs (the disk fills long before `max_bytes`) while
+/// Kafka is down. `block`: acknowledgements stop, nothing crashes, and every
+/// reading arrives once Kafka is back (the broker held the rest).
+/// `drop_oldest`: everything is acknowledged, and what is missing from Kafka
+/// afterwards is exactly what the counter says was dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_blocks_or_drops_exactly_what_it_counts() {
+    let base = Setup::bare("gw-diskfull");
+    let stack = common::PrivateStack::new(&base.dir);
+    stack.run(&["up", "kafka"]);
+    stack.run(&["down", "kafka"]);
+    let kafka = stack.kafka_bootstrap();
+    let (host, port) = common::mqtt_host_port();
+    let n_devices = 40;
+    let per_device = 2000u64; // 80,000 readings: about 26 MiB of spool
+    let total = n_devices * per_device as usize;
+    let mut phases = Vec::new();
+    for policy in ["block", "drop_oldest"] {
+        let mut s = Setup::bare(&format!("gw-full-{policy}"));
+        s.topic = "weather".into();
+        s.dlq = "weather.dlq".into();
+        let spool_dir = s.dir.join("tmpfs");
+        let mnt = Tmpfs::mount(&spool_dir, "16m");
+        let mut gw = s.start_with(
+            &common::mqtt_broker(),
+            &kafka,
+            &[
+                (
+                    "GATEWAY__SPOOL__DIR",
+                    spool_dir.join("spool").display().to_string(),
+                ),
+                ("GATEWAY__SPOOL__SEGMENT_BYTES", "1048576".into()),
+                ("GATEWAY__SPOOL__ON_FULL", policy.into()),
+            ],
+            "gateway",
+        );
+        let http = s.http.clone();
+        let up = common::eventually(Duration::from_secs(20), || {
+            matches!(common::http_get(&http, "/readyz"), Ok((200, _)))
+        })
+        .await;
+        assert!(up, "{policy}: ready without Kafka; log:\n{}", gw.log_text());
+        let msgs = readings(&s, n_devices, 1..=per_device);
+        publish_all(&host, port, &msgs, None).await;
+        if policy == "block" {
+            let full = common::eventually(Duration::from_secs(60), || {
+                s.metric("gateway_spool_full", &[]) == 1.0
+            })
+            .await;
+            assert!(full, "spool full; log:\n{}", gw.log_text());
+            let (code, body) = readyz(&s);
+            assert!(code == 503 && body.contains("spool full"), "{code} {body}");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let acked = s.metric("gateway_mqtt_acks_total", &[]);
+            assert!(acked < total as f64, "acknowledging stopped at {acked}");
+            assert!(gw.is_running(), "no crash on a full disk");
+        } else {
+            let acked = common::eventually(Duration::from_secs(60), || {
+                s.metric("gateway_mqtt_acks_total", &[]) == total as f64
+            })
+            .await;
+            assert!(
+                acked,
+                "drop_oldest acknowledges everything; log:\n{}",
+                gw.log_text()
+            );
+            assert!(s.metric("gateway_spool_dropped_records_total", &[("reason", "full")]) > 0.0);
+        }
+        phases.push((s, gw, mnt));
+        if policy == "block" {
+            // Kafka back: the spool drains and takes the rest from the broker.
+            stack.run(&["up", "kafka"]);
+            let (s, gw, _) = phases.last_mut().expect("phase");
+            let all = common::eventually(Duration::from_secs(120), || {
+                s.metric("gateway_mqtt_acks_total", &[]) == total as f64
+            })
+            .await;
+            assert!(
+                all,
+                "block: every reading acknowledged once Kafka is back; log:\n{}",
+                gw.log_text()
+            );
+            assert_eq!(s.metric("gateway_spool_full", &[]), 0.0);
+            stack.run(&["down", "kafka"]);
+        }
+    }
+    stack.run(&["up", "kafka"]);
+    for (s, gw, _) in &mut phases {
+        let drained = common::eventually(Duration::from_secs(120), || {
+            s.metric("gateway_spool_records", &[]) == 0.0
+        })
+        .await;
+        assert!(drained, "spool drained; log:\n{}", gw.log_text());
+    }
+    let got = common::consume_from(
+        &kafka,
+        "weather",
+        2 * total,
+        Duration::from_secs(120),
+        Duration::from_secs(3),
+    )
+    .await;
+    let (block, drop) = (&phases[0].0, &phases[1].0);
+    assert_eq!(readings_of(block, &got).len(), total, "block loses nothing");
+    let dropped = drop.metric("gateway_spool_dropped_records_total", &[("reason", "full")]);
+    let arrived = readings_of(drop, &got).len();
+    eprintln!("drop_oldest: {arrived} of {total} in Kafka, {dropped} counted as dropped");
+    assert_eq!(
+        arrived as f64 + dropped,
+        total as f64,
+        "drop_oldest drops exactly what it counts"
+    );
+    for (s, gw, _) in &mut phases {
+        assert_eq!(
+            gw.terminate(Duration::from_secs(20)).map(|st| st.code()),
+            Some(Some(0)),
+            "{}",
+            s.name
+        );
+    }
+}

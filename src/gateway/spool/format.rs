@@ -13,8 +13,10 @@ pub const CHECKPOINT_MAGIC: &[u8; 8] = b"IOTSPCK1";
 pub const FORMAT_VERSION: u16 = 1;
 /// magic 8 | version u16 | flags u16 | base offset u64 | created ms i64 | crc u32
 pub const SEGMENT_HEADER_LEN: usize = 32;
-/// magic 8 | acked-through u64 | written ms i64 | crc u32
-pub const CHECKPOINT_LEN: usize = 28;
+/// One checkpoint slot: magic 8 | generation u64 | acked-through u64 |
+/// written ms i64 | crc u32. The file holds two slots, written alternately
+/// in place (no allocation on a full disk; a torn write spoils one slot only).
+pub const CHECKPOINT_LEN: usize = 36;
 /// `len` + `crc` in front of every body.
 pub const RECORD_PREFIX_LEN: usize = 8;
 /// Largest body accepted when reading back: anything larger is damage.
@@ -233,28 +235,39 @@ pub fn parse_segment_header(h: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(b))
 }
 
-pub fn checkpoint(acked_through: u64, written_ms: i64) -> [u8; CHECKPOINT_LEN] {
+pub fn checkpoint(generation: u64, acked_through: u64, written_ms: i64) -> [u8; CHECKPOINT_LEN] {
     let mut c = [0u8; CHECKPOINT_LEN];
     c[..8].copy_from_slice(CHECKPOINT_MAGIC);
-    c[8..16].copy_from_slice(&acked_through.to_le_bytes());
-    c[16..24].copy_from_slice(&written_ms.to_le_bytes());
-    let crc = crc32c::crc32c(&c[..24]);
-    c[24..].copy_from_slice(&crc.to_le_bytes());
+    c[8..16].copy_from_slice(&generation.to_le_bytes());
+    c[16..24].copy_from_slice(&acked_through.to_le_bytes());
+    c[24..32].copy_from_slice(&written_ms.to_le_bytes());
+    let crc = crc32c::crc32c(&c[..32]);
+    c[32..].copy_from_slice(&crc.to_le_bytes());
     c
 }
 
-/// The acked-through offset of a valid checkpoint.
-pub fn parse_checkpoint(c: &[u8]) -> Option<u64> {
-    if c.len() != CHECKPOINT_LEN || &c[..8] != CHECKPOINT_MAGIC {
+/// (generation, acked-through) of one valid slot.
+pub fn parse_checkpoint(c: &[u8]) -> Option<(u64, u64)> {
+    if c.len() < CHECKPOINT_LEN || &c[..8] != CHECKPOINT_MAGIC {
         return None;
     }
-    let crc = u32::from_le_bytes([c[24], c[25], c[26], c[27]]);
-    if crc32c::crc32c(&c[..24]) != crc {
+    let crc = u32::from_le_bytes([c[32], c[33], c[34], c[35]]);
+    if crc32c::crc32c(&c[..32]) != crc {
         return None;
     }
+    let mut g = [0u8; 8];
+    g.copy_from_slice(&c[8..16]);
     let mut b = [0u8; 8];
-    b.copy_from_slice(&c[8..16]);
-    Some(u64::from_le_bytes(b))
+    b.copy_from_slice(&c[16..24]);
+    Some((u64::from_le_bytes(g), u64::from_le_bytes(b)))
+}
+
+/// The newest valid slot of a checkpoint file.
+pub fn parse_checkpoint_file(f: &[u8]) -> Option<(u64, u64)> {
+    f.chunks(CHECKPOINT_LEN)
+        .take(2)
+        .filter_map(parse_checkpoint)
+        .max_by_key(|(g, _)| *g)
 }
 
 #[cfg(test)]
@@ -324,10 +337,16 @@ mod tests {
         let mut h = segment_header(99, 5);
         h[13] ^= 1;
         assert_eq!(parse_segment_header(&h), None);
-        assert_eq!(parse_checkpoint(&checkpoint(1234, 9)), Some(1234));
-        let mut c = checkpoint(1234, 9);
-        c[9] ^= 4;
+        assert_eq!(parse_checkpoint(&checkpoint(3, 1234, 9)), Some((3, 1234)));
+        let mut c = checkpoint(3, 1234, 9);
+        c[17] ^= 4;
         assert_eq!(parse_checkpoint(&c), None);
         assert_eq!(parse_checkpoint(&[0u8; 3]), None);
+        // Two slots: the newest valid one wins; a spoiled slot falls back.
+        let mut f = checkpoint(8, 80, 1).to_vec();
+        f.extend_from_slice(&checkpoint(7, 70, 1));
+        assert_eq!(parse_checkpoint_file(&f), Some((8, 80)));
+        f[20] ^= 1;
+        assert_eq!(parse_checkpoint_file(&f), Some((7, 70)));
     }
 }

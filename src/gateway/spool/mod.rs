@@ -8,9 +8,11 @@
 //!   increase by one per record; the file name is the first record's offset.
 //!   Only the last segment is appended to; it is sealed (fsynced) when it passes
 //!   `segment_bytes`, and a new one is started.
-//! - `checkpoint`: every offset below it is acknowledged by Kafka. Replaced
-//!   atomically (tmp, fsync, rename, fsync dir). It may lag (records sent again
-//!   after a crash: duplicates) but never leads: it is written only for
+//! - `checkpoint`: every offset below it is acknowledged by Kafka. Two
+//!   checksummed slots with a generation, overwritten alternately in place and
+//!   fsynced (a torn write spoils one slot; the other still holds an older,
+//!   lagging value; and a full disk cannot stop it). It may lag (records sent
+//!   again after a crash: duplicates) but never leads: it is written only for
 //!   records Kafka acknowledged, and segments are deleted only once a durable
 //!   checkpoint covers them.
 //! - `quarantine/`: damaged segments moved aside (or copied before repair).
@@ -128,6 +130,7 @@ pub struct Spool {
     active: File,
     next: u64,
     acked: u64,
+    checkpoint: Checkpoint,
     total_bytes: u64,
     buf: Vec<u8>,
     shared: Arc<Shared>,
@@ -180,9 +183,13 @@ impl Spool {
         let dir = opts.dir.clone();
         let _ = fs::remove_file(dir.join("checkpoint.tmp"));
         let mut rec = Recovery::default();
+        let mut generation = 0;
         let ck_file = match fs::read(dir.join("checkpoint")) {
-            Ok(b) => match format::parse_checkpoint(&b) {
-                Some(c) => Some(c),
+            Ok(b) => match format::parse_checkpoint_file(&b) {
+                Some((g, c)) => {
+                    generation = g;
+                    Some(c)
+                }
                 None => {
                     rec.checkpoint_invalid = true;
                     None
@@ -255,8 +262,9 @@ impl Spool {
         // Always append to a fresh segment: recovered ones stay as they are.
         let (active, seg) = create_segment(&dir, next)?;
         segments.push_back(seg);
+        let mut checkpoint = Checkpoint::open(&dir, generation)?;
         if rec.checkpoint_invalid || ck_file.is_none() {
-            write_checkpoint(&dir, ck)?;
+            checkpoint.write(ck)?;
         }
         if changed {
             sync_dir(&dir)?;
@@ -277,6 +285,7 @@ impl Spool {
             active,
             next,
             acked: ck,
+            checkpoint,
             total_bytes,
             buf: Vec::with_capacity(1 << 20),
             shared: shared.clone(),
@@ -360,7 +369,7 @@ impl Spool {
         if acked <= self.acked {
             return Ok(());
         }
-        write_checkpoint(&self.opts.dir, acked)?;
+        self.checkpoint.write(acked)?;
         self.acked = acked;
         let mut removed = false;
         while self.segments.len() > 1 && self.segments.front().is_some_and(|s| s.end <= acked) {
@@ -469,17 +478,58 @@ fn create_segment(dir: &Path, base: u64) -> io::Result<(File, Segment)> {
     ))
 }
 
-fn write_checkpoint(dir: &Path, acked: u64) -> io::Result<()> {
-    let tmp = dir.join("checkpoint.tmp");
-    let mut f = File::create(&tmp)?;
-    f.write_all(&format::checkpoint(acked, now_ms()))?;
-    f.sync_data()?;
-    fs::rename(&tmp, dir.join("checkpoint"))?;
-    sync_dir(dir)
+/// The checkpoint file, kept open; both slots are allocated when it is created.
+#[derive(Debug)]
+struct Checkpoint {
+    file: File,
+    generation: u64,
 }
 
-/// Moves (or, with `copy`, copies) a damaged file into `quarantine/`.
+impl Checkpoint {
+    fn open(dir: &Path, generation: u64) -> io::Result<Checkpoint> {
+        let path = dir.join("checkpoint");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        if file.metadata()?.len() < 2 * format::CHECKPOINT_LEN as u64 {
+            // New (or short): lay out both slots before relying on it.
+            let mut both = fs::read(&path).unwrap_or_default();
+            both.resize(2 * format::CHECKPOINT_LEN, 0);
+            std::os::unix::fs::FileExt::write_all_at(&file, &both, 0)?;
+            file.sync_all()?;
+            sync_dir(dir)?;
+        }
+        Ok(Checkpoint { file, generation })
+    }
+
+    fn write(&mut self, acked: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let g = self.generation + 1;
+        let slot = (g % 2) as u64 * format::CHECKPOINT_LEN as u64;
+        self.file
+            .write_all_at(&format::checkpoint(g, acked, now_ms()), slot)?;
+        self.file.sync_data()?;
+        self.generation = g;
+        Ok(())
+    }
+}
+
+/// Moves (or, with `copy`, copies) a damaged file into `quarantine/`. Best
+/// effort: on a full disk a moved file is deleted instead, a copy skipped.
 fn quarantine(dir: &Path, path: &Path, copy: bool) -> io::Result<()> {
+    if let Err(e) = try_quarantine(dir, path, copy) {
+        tracing::error!(file = %path.display(), error = %e, "could not keep a damaged spool file in quarantine/");
+        if !copy {
+            fs::remove_file(path)?;
+        }
+    }
+    Ok(())
+}
+
+fn try_quarantine(dir: &Path, path: &Path, copy: bool) -> io::Result<()> {
     let q = dir.join("quarantine");
     fs::create_dir_all(&q)?;
     let name = path
@@ -525,6 +575,8 @@ fn recover_segment(
     // Byte ranges of good records, when the file must be rewritten.
     let mut keep: Vec<(usize, usize)> = Vec::new();
     let mut skipped = false;
+    // The first damage: (byte, offset expected there), for the fallback below.
+    let mut first_bad: Option<(usize, u64)> = None;
     let mut cut = None;
     while at < data.len() {
         match format::decode(&data[at..]) {
@@ -552,6 +604,7 @@ fn recover_segment(
                     Err(Bad::Incomplete) => "incomplete record",
                     Ok(_) => "offset out of order",
                 };
+                first_bad.get_or_insert((at, expected));
                 match resync(&data, at + 1, expected, limit) {
                     Some(p) => {
                         tracing::error!(segment = %path.display(), byte = at, why, "spool record damaged; skipped to the next valid record");
@@ -571,17 +624,21 @@ fn recover_segment(
         // Keep the original for forensics, then rewrite without the damage.
         quarantine(dir, path, true)?;
         rec.quarantined_segments += 1;
-        let tmp = path.with_extension("seg.tmp");
-        let mut f = File::create(&tmp)?;
-        f.write_all(&data[..SEGMENT_HEADER_LEN])?;
-        len = SEGMENT_HEADER_LEN as u64;
-        for &(a, b) in &keep {
-            f.write_all(&data[a..b])?;
-            len += (b - a) as u64;
+        match rewrite(dir, path, &data, &keep) {
+            Ok(n) => len = n,
+            Err(e) => {
+                // No room to rewrite: keep what precedes the first damage.
+                let (at, lost_from) = first_bad.unwrap_or((data.len(), expected));
+                tracing::error!(segment = %path.display(), error = %e, "could not rewrite a damaged spool segment; truncated at the damage");
+                gaps.push((lost_from, expected));
+                rec.truncated_bytes += (data.len() - at) as u64;
+                let f = OpenOptions::new().write(true).open(path)?;
+                f.set_len(at as u64)?;
+                f.sync_data()?;
+                len = at as u64;
+                expected = lost_from;
+            }
         }
-        f.sync_data()?;
-        fs::rename(&tmp, path)?;
-        sync_dir(dir)?;
     } else if let Some((at, why)) = cut {
         let cut_bytes = data.len() - at;
         if last {
@@ -601,6 +658,28 @@ fn recover_segment(
         bytes: len,
         path: path.to_path_buf(),
     }))
+}
+
+/// Writes `path` anew with its header and the `keep` byte ranges of `data`.
+fn rewrite(dir: &Path, path: &Path, data: &[u8], keep: &[(usize, usize)]) -> io::Result<u64> {
+    let tmp = path.with_extension("seg.tmp");
+    let written = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&data[..SEGMENT_HEADER_LEN])?;
+        let mut len = SEGMENT_HEADER_LEN as u64;
+        for &(a, b) in keep {
+            f.write_all(&data[a..b])?;
+            len += (b - a) as u64;
+        }
+        f.sync_data()?;
+        fs::rename(&tmp, path)?;
+        sync_dir(dir)?;
+        Ok(len)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// The position of the next valid record at or after `from` whose offset is in

@@ -279,8 +279,8 @@ fn checkpoint_missing_garbage_ahead_or_behind_never_loses_a_record() {
         (
             "bad crc",
             Some({
-                let mut c = format::checkpoint(20, 1).to_vec();
-                c[10] ^= 1;
+                let mut c = format::checkpoint(9, 20, 1).to_vec();
+                c[18] ^= 1;
                 c
             }),
             true,
@@ -288,11 +288,16 @@ fn checkpoint_missing_garbage_ahead_or_behind_never_loses_a_record() {
         ),
         (
             "ahead",
-            Some(format::checkpoint(1_000_000, 1).to_vec()),
+            Some(format::checkpoint(9, 1_000_000, 1).to_vec()),
             true,
             0,
         ),
-        ("behind", Some(format::checkpoint(5, 1).to_vec()), false, 5),
+        (
+            "behind",
+            Some(format::checkpoint(9, 5, 1).to_vec()),
+            false,
+            5,
+        ),
     ];
     for (name, ck, invalid, from) in cases {
         let d = TempDir::new("ckpt");
