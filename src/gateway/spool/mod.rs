@@ -508,7 +508,7 @@ impl Checkpoint {
     fn write(&mut self, acked: u64) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         let g = self.generation + 1;
-        let slot = (g % 2) as u64 * format::CHECKPOINT_LEN as u64;
+        let slot = (g % 2) * format::CHECKPOINT_LEN as u64;
         self.file
             .write_all_at(&format::checkpoint(g, acked, now_ms()), slot)?;
         self.file.sync_data()?;
