@@ -277,7 +277,7 @@ def case_kafka_ceiling(n):
     return {"rate": out["rate"], "count": n}
 
 
-def start_gateway(name, topic, dlq, prefix, mode, http_port):
+def start_gateway(name, topic, dlq, prefix, mode, http_port, extra=None, spool_dir=None):
     env = {
         "GATEWAY__MQTT__URL": MQTT_URL,
         "GATEWAY__MQTT__CLIENT_ID": prefix + "-gw",
@@ -287,8 +287,9 @@ def start_gateway(name, topic, dlq, prefix, mode, http_port):
         "GATEWAY__KAFKA__DLQ_TOPIC": dlq,
         "GATEWAY__KAFKA__DELIVERY_MODE": mode,
         "GATEWAY__HTTP__LISTEN": f"127.0.0.1:{http_port}",
-        "GATEWAY__SPOOL__DIR": str(ROOT / "bench" / "out" / "spool" / unique(name)),
+        "GATEWAY__SPOOL__DIR": str(spool_dir or ROOT / "bench" / "out" / "spool" / unique(name)),
         "RUST_LOG": "warn",
+        **(extra or {}),
     }
     gw = Proc(name, [str(REL / "gateway"), "run", "--config", "configs/gateway.toml"], env)
     url = f"http://127.0.0.1:{http_port}"
@@ -334,6 +335,94 @@ def case_e2e(kind, n, devices, mode="async"):
         raise BenchError(f"{kind} {mode}: delivery check failed: {check}")
     return {"rate": total / elapsed, "count": total, "cpu_us_per_reading": cpu / total * 1e6,
             "peak_rss_mib": rss, "verified": check}
+
+
+def case_drain(spool, n, devices):
+    """The gateway's own ceiling, without the load generator in the way: its
+    persistent session subscribes once and goes away, the simulator fills the
+    broker's queue for it, then the gateway starts and is timed from its start
+    to the last record in Kafka (checked exactly once per (device, seq))."""
+    topic, dlq, prefix = unique("drain"), unique("drain-dlq"), unique("drain-mqtt")
+    create_topic(topic)
+    create_topic(dlq, 1)
+    per = max(1, n // devices)
+    total = per * devices
+    name = "gateway-spool" if spool else "gateway-nospool"
+    extra = {"GATEWAY__SPOOL__ENABLED": "true" if spool else "false"}
+    spool_dir = ROOT / "bench" / "out" / "spool" / unique(name)
+    gw, _ = start_gateway(name, topic, dlq, prefix, "async", free_port(), extra, spool_dir)
+    gw.stop()  # subscribed: the broker now queues for the session
+    run_simulator(simulator(prefix, devices, per_device=per), 900)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    gw, _ = start_gateway(name, topic, dlq, prefix, "async", port, extra, spool_dir)
+    try:
+        cpu0 = 0.0  # from process start: the whole drain is the gateway's work
+        wait_until(lambda: topic_count(topic) >= total, 900, f"{total} records in Kafka", gw)
+        elapsed = time.time() - t0
+        cpu = proc_cpu_seconds(gw.p.pid) - cpu0
+        rss = proc_peak_rss_mib(gw.p.pid)
+        fs = histogram(url + "/metrics", "gateway_spool_fsync_duration_seconds")
+        q = quantiles({}, fs, [0.5, 0.99])
+        fsyncs = fs.get(float("inf"), 0)
+    finally:
+        gw.stop()
+    check = verify_topic(topic, total)
+    delete_topics([topic, dlq])
+    if not check["ok"]:
+        raise BenchError(f"{name} drain: delivery check failed: {check}")
+    ms = lambda v: None if v is None else v * 1000
+    return {"rate": total / elapsed, "count": total, "cpu_us_per_reading": cpu / total * 1e6,
+            "peak_rss_mib": rss, "fsync_p50_ms": ms(q[0.5]), "fsync_p99_ms": ms(q[0.99]),
+            "fsyncs": int(fsyncs), "verified": check}
+
+
+def soak(outage_min, rate, devices=100):
+    """Kafka down `outage_min` minutes at `rate` readings/s into the spool, then
+    Kafka back while live traffic continues: zero loss, and the drain rate."""
+    topic, dlq, prefix = unique("soak"), unique("soak-dlq"), unique("soak-mqtt")
+    create_topic(topic)
+    create_topic(dlq, 1)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    gw, _ = start_gateway("gateway-soak", topic, dlq, prefix, "async", port)
+    lead, tail = 60, 300  # live traffic before the outage and after it
+    secs = lead + outage_min * 60 + tail
+    manifest = ROOT / "bench" / "out" / f"{prefix}.manifest.json"
+    sim = Proc("simulator-soak", simulator(prefix, devices, rate=rate / devices, duration=f"{secs}s",
+                                           connections=4) + ["--manifest", str(manifest)])
+    delivered = lambda: metric(url + "/metrics", "gateway_readings_delivered_total") or 0
+    backlog = lambda: metric(url + "/metrics", "gateway_spool_records") or 0
+    try:
+        time.sleep(lead)
+        log(f"soak: stopping Kafka for {outage_min} min")
+        subprocess.run([str(ROOT / "scripts" / "stack"), "down", "kafka"], check=True)
+        time.sleep(outage_min * 60)
+        peak = backlog()
+        log(f"soak: {peak:.0f} readings spooled; starting Kafka")
+        subprocess.run([str(ROOT / "scripts" / "stack"), "up", "kafka"], check=True)
+        wait_until(lambda: (metric(url + "/metrics", "gateway_kafka_reachable") or 0) == 1, 300, "Kafka reachable", gw)
+        t0, d0 = time.time(), delivered()
+        wait_until(lambda: backlog() < rate, 3600, "the backlog drained", gw)
+        drain_s = time.time() - t0
+        drain_rate = (delivered() - d0) / drain_s
+        log(f"soak: drained {peak:.0f} in {drain_s:.1f}s ({drain_rate:.0f} readings/s with live traffic)")
+        wait_until(lambda: sim.p.poll() is not None, secs + 120, "the simulator finished", sim)
+        sent = json.loads(manifest.read_text())["totals"]["valid"]
+        wait_until(lambda: topic_count(topic) >= sent, 600, f"{sent} records in Kafka", gw)
+    finally:
+        sim.stop()
+        gw.stop()
+    check = verify_topic(topic, sent)
+    delete_topics([topic, dlq])
+    out = {"outage_min": outage_min, "rate": rate, "spooled_peak": peak, "drain_s": drain_s,
+           "drain_rate": drain_rate, "sent": sent, "verified": check}
+    (ROOT / "bench" / "out" / "soak.json").write_text(json.dumps(out, indent=2))
+    log(f"soak: {json.dumps(out)}")
+    if not check["ok"]:
+        raise BenchError(f"soak: delivery check failed: {check}")
+    return out
 
 
 def case_latency(rate_total, seconds, devices=1000):
@@ -436,7 +525,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--soak", action="store_true", help="only the spool soak (Kafka down --soak-minutes)")
+    ap.add_argument("--soak-minutes", type=float, default=30)
+    ap.add_argument("--soak-rate", type=int, default=1000)
     a = ap.parse_args()
+    if a.soak:
+        soak(a.soak_minutes, a.soak_rate)
+        return
     q = a.quick
     reps = 1 if q else a.reps
     sizes = dict(
@@ -445,6 +540,7 @@ def main():
         kafka=5_000 if q else 500_000,
         e2e=5_000 if q else 200_000,
         e2e_devices=1_000 if q else 10_000,
+        drain=5_000 if q else 300_000,
         sync=500 if q else 20_000,
         python=2_000 if q else 200_000,
         lat_secs=3 if q else 15,
@@ -458,6 +554,8 @@ def main():
         ("kafka_ceiling", lambda: case_kafka_ceiling(sizes["kafka"])),
         ("gateway_async", lambda: case_e2e("gateway", sizes["e2e"], sizes["e2e_devices"], "async")),
         ("gateway_sync", lambda: case_e2e("gateway", sizes["sync"], 100, "sync")),
+        ("drain_spool", lambda: case_drain(True, sizes["drain"], 1_000)),
+        ("drain_nospool", lambda: case_drain(False, sizes["drain"], 1_000)),
         ("python_baseline", lambda: case_e2e("python", sizes["python"], sizes["e2e_devices"])),
         ("latency_1k", lambda: case_latency(1_000, sizes["lat_secs"])),
         ("latency_10k", lambda: case_latency(10_000, sizes["lat_secs"])),
@@ -491,7 +589,8 @@ def main():
         "machine": machine(),
         "sizes": sizes,
         "cases": {name: {"runs": runs, **{k: summarize(runs, k) for k in
-                                          ("rate", "cpu_us_per_reading", "peak_rss_mib", "p50_ms", "p99_ms", "p999_ms", "scrape_ms")
+                                          ("rate", "cpu_us_per_reading", "peak_rss_mib", "p50_ms", "p99_ms", "p999_ms", "scrape_ms",
+                                           "fsync_p50_ms", "fsync_p99_ms")
                                           if summarize(runs, k)}}
                   for name, runs in results.items()},
         "failures": failures,

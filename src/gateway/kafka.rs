@@ -107,7 +107,18 @@ pub fn producer(
             "queue.buffering.max.messages",
             (cfg.max_in_flight.max(1000) * 2 + 1000).to_string(),
         )
-        .set("client.id", "iot-gateway");
+        .set("client.id", "iot-gateway")
+        // librdkafka's own log reaches ours (at debug); rdkafka would otherwise
+        // set it from the unused `log` crate, i.e. errors only. With a `debug`
+        // property set, everything it says.
+        .set(
+            "log_level",
+            if cfg.properties.contains_key("debug") {
+                "7"
+            } else {
+                "6"
+            },
+        );
     if cfg.delivery_mode == DeliveryMode::Sync {
         // One record at a time: do not wait for a batch that never fills.
         c.set("linger.ms", "0");
