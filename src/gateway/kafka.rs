@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProducer};
@@ -107,18 +107,15 @@ pub fn producer(
             "queue.buffering.max.messages",
             (cfg.max_in_flight.max(1000) * 2 + 1000).to_string(),
         )
-        .set("client.id", "iot-gateway")
-        // librdkafka's own log reaches ours (at debug); rdkafka would otherwise
-        // set it from the unused `log` crate, i.e. errors only. With a `debug`
-        // property set, everything it says.
-        .set(
-            "log_level",
-            if cfg.properties.contains_key("debug") {
-                "7"
-            } else {
-                "6"
-            },
-        );
+        .set("client.id", "iot-gateway");
+    // librdkafka's own log reaches ours (at debug level); rdkafka would set its
+    // level from the unused `log` crate, i.e. errors only. With a `debug`
+    // property set, everything it says.
+    c.set_log_level(if cfg.properties.contains_key("debug") {
+        RDKafkaLogLevel::Debug
+    } else {
+        RDKafkaLogLevel::Info
+    });
     if cfg.delivery_mode == DeliveryMode::Sync {
         // One record at a time: do not wait for a batch that never fills.
         c.set("linger.ms", "0");
