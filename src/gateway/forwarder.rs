@@ -25,7 +25,7 @@ use tracing::{error, info};
 
 use super::acks::AckEvent;
 use super::intake::dead_letter;
-use super::kafka::{self, GatewayProducer, Meta, Report};
+use super::kafka::{self, GatewayProducer, Meta, ProducerSlot, Report};
 use super::metrics::{self, GatewayMetrics};
 use super::spool::{Record, Spool, SpoolReader};
 use super::GatewayError;
@@ -52,13 +52,27 @@ struct Retry {
     record: Record,
 }
 
+/// One record handed to Kafka.
+struct Sent {
+    id: u64,
+    received_ms: i64,
+    settled: bool,
+    /// Spool disabled: a copy, to send again if the producer is replaced
+    /// (with the spool the reader rewinds instead).
+    copy: Option<Record>,
+}
+
 pub struct Forwarder {
     cfg: KafkaConfig,
     producer: Arc<GatewayProducer>,
+    /// Where the probe finds the producer; replaced with it.
+    slot: ProducerSlot,
+    report_tx: mpsc::UnboundedSender<Report>,
+    generation: u32,
     metrics: GatewayMetrics,
     window: usize,
-    /// Ids handed to Kafka in order: (id, received ms, settled?).
-    in_flight: VecDeque<(u64, i64, bool)>,
+    /// Records handed to Kafka, in order.
+    in_flight: VecDeque<Sent>,
     retries: VecDeque<Retry>,
     /// Every id below this is settled (the spool checkpoint).
     settled_through: Option<u64>,
@@ -78,14 +92,22 @@ impl std::fmt::Debug for Forwarder {
 const READ_BATCH: usize = 2048;
 
 impl Forwarder {
-    pub fn new(cfg: &KafkaConfig, producer: Arc<GatewayProducer>, metrics: GatewayMetrics) -> Self {
+    pub fn new(
+        cfg: &KafkaConfig,
+        slot: ProducerSlot,
+        report_tx: mpsc::UnboundedSender<Report>,
+        metrics: GatewayMetrics,
+    ) -> Self {
         Forwarder {
+            producer: kafka::current(&slot),
+            slot,
+            report_tx,
+            generation: 0,
             window: match cfg.delivery_mode {
                 DeliveryMode::Async => cfg.max_in_flight,
                 DeliveryMode::Sync => 1,
             },
             cfg: cfg.clone(),
-            producer,
             metrics,
             in_flight: VecDeque::new(),
             retries: VecDeque::new(),
@@ -96,11 +118,13 @@ impl Forwarder {
         }
     }
 
-    /// Runs until `stop`, then waits up to `grace` for what is in flight.
+    /// Runs until `stop`, then waits up to `grace` for what is in flight. A
+    /// message on `recreate` replaces the producer (see [`Forwarder::recreate`]).
     pub async fn run(
         mut self,
         feed: Feed,
         mut reports: mpsc::UnboundedReceiver<Report>,
+        mut recreate: mpsc::Receiver<String>,
         stop: CancellationToken,
         grace: Duration,
     ) -> Result<(), GatewayError> {
@@ -126,11 +150,12 @@ impl Forwarder {
                 _ = stop.cancelled(), if !draining => {
                     deadline = Some(tokio::time::Instant::now() + grace);
                 }
+                Some(why) = recreate.recv() => self.recreate(&why, reader.as_mut())?,
                 _ = wait_notify(&notify), if room => {}
                 item = recv_memory(&mut memory), if room => match item {
                     Some((id, mut rec)) => {
                         rec.offset = id;
-                        self.start(id, rec.received_ms);
+                        self.start(id, rec.received_ms, Some(rec.clone()));
                         self.send(rec, 0);
                     }
                     None => memory = None,
@@ -172,7 +197,7 @@ impl Forwarder {
                 .spool_dropped_corrupt(reader.corrupt_skipped - corrupt);
             let mut batch = std::mem::take(&mut self.batch);
             for rec in batch.drain(..) {
-                self.start(rec.offset, rec.received_ms);
+                self.start(rec.offset, rec.received_ms, None);
                 self.send(rec, 0);
             }
             self.batch = batch;
@@ -183,8 +208,51 @@ impl Forwarder {
         Ok(())
     }
 
-    fn start(&mut self, id: u64, received_ms: i64) {
-        self.in_flight.push_back((id, received_ms, false));
+    fn start(&mut self, id: u64, received_ms: i64, copy: Option<Record>) {
+        self.in_flight.push_back(Sent {
+            id,
+            received_ms,
+            settled: false,
+            copy,
+        });
+    }
+
+    /// Replaces a producer that stopped working (librdkafka can stop
+    /// reconnecting for good after a broker restart; an idempotent producer
+    /// can hit a fatal error). Records it had not settled are sent again, in
+    /// order, by the new one: from the spool (rewound), or from the copies.
+    /// Kafka may already have some of them: duplicates, never loss.
+    fn recreate(
+        &mut self,
+        why: &str,
+        reader: Option<&mut SpoolReader>,
+    ) -> Result<(), GatewayError> {
+        let new = Arc::new(kafka::producer(&self.cfg, self.report_tx.clone())?);
+        let old = std::mem::replace(&mut self.producer, new.clone());
+        *self.slot.write().unwrap_or_else(|p| p.into_inner()) = new;
+        self.generation += 1;
+        let unsettled: Vec<Sent> = self.in_flight.drain(..).filter(|s| !s.settled).collect();
+        self.retries.clear();
+        self.metrics.producer_recreated(why, unsettled.len());
+        // Dropping it purges its queue (reports of an old generation are
+        // ignored) and joins its threads: not on the runtime.
+        tokio::task::spawn_blocking(move || drop(old));
+        match reader {
+            Some(r) => {
+                if let Some(first) = unsettled.first() {
+                    r.rewind(first.id);
+                }
+            }
+            None => {
+                for s in unsettled {
+                    if let Some(rec) = s.copy {
+                        self.start(s.id, s.received_ms, Some(rec.clone()));
+                        self.send(rec, 0);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn send(&mut self, rec: Record, attempts: u32) {
@@ -204,6 +272,7 @@ impl Forwarder {
             id: rec.offset,
             received_ms: rec.received_ms,
             dlq: rec.dlq,
+            generation: self.generation,
             reason: if rec.dlq {
                 rec.headers
                     .iter()
@@ -231,6 +300,9 @@ impl Forwarder {
     }
 
     fn on_report(&mut self, r: Report) {
+        if r.meta.generation != self.generation {
+            return; // from a replaced producer: its records were sent again
+        }
         match r.result {
             Ok(()) => {
                 if r.meta.dlq {
@@ -313,17 +385,20 @@ impl Forwarder {
 
     /// Marks `id` settled; ids are in order in `in_flight`.
     fn mark(&mut self, id: u64) {
-        if let Ok(i) = self.in_flight.binary_search_by_key(&id, |e| e.0) {
-            self.in_flight[i].2 = true;
+        if let Ok(i) = self.in_flight.binary_search_by_key(&id, |e| e.id) {
+            self.in_flight[i].settled = true;
         }
         self.settled_ids.push(id);
     }
 
     /// Releases the settled prefix: the checkpoint (spool) or the acks (memory).
     fn settle(&mut self, settled: Option<&mpsc::UnboundedSender<AckEvent>>) {
-        while let Some(&(id, _, true)) = self.in_flight.front() {
+        while let Some(s) = self.in_flight.front() {
+            if !s.settled {
+                break;
+            }
+            self.settled_through = Some(s.id + 1);
             self.in_flight.pop_front();
-            self.settled_through = Some(id + 1);
         }
         if let Some(settled) = settled {
             if !self.settled_ids.is_empty() {
@@ -344,7 +419,7 @@ impl Forwarder {
             .kafka_queue_depth
             .set(kafka::queue_depth(&self.producer));
         let now = chrono::Utc::now().timestamp_millis();
-        let oldest = self.in_flight.front().map(|e| e.1);
+        let oldest = self.in_flight.front().map(|e| e.received_ms);
         let Some(spool) = spool else {
             return Ok(());
         };

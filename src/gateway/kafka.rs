@@ -2,6 +2,7 @@
 //! pipeline as events (many records in flight, reports handled as they come),
 //! topic checks at start-up, and a periodic reachability probe.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -22,6 +23,8 @@ pub struct Meta {
     pub id: u64,
     pub received_ms: i64,
     pub dlq: bool,
+    /// Which producer sent it (reports from a replaced producer are ignored).
+    pub generation: u32,
     /// The DLQ record's reason code (for the metric).
     pub reason: Option<&'static str>,
     pub seq: Option<u64>,
@@ -90,11 +93,21 @@ impl ProducerContext for ReportContext {
 
 pub type GatewayProducer = ThreadedProducer<ReportContext>;
 
-/// Builds the producer with our defaults, then the pass-through properties.
+/// The producer in use, shared with the reachability probe; the forwarder
+/// replaces it when it has to be recreated.
+pub type ProducerSlot = Arc<RwLock<Arc<GatewayProducer>>>;
+
+/// The producer in `slot` now.
+pub fn current(slot: &ProducerSlot) -> Arc<GatewayProducer> {
+    slot.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// Builds a producer with our defaults, then the pass-through properties; its
+/// delivery reports go to `tx`.
 pub fn producer(
     cfg: &KafkaConfig,
-) -> Result<(GatewayProducer, mpsc::UnboundedReceiver<Report>), KafkaError> {
-    let (tx, rx) = mpsc::unbounded_channel();
+    tx: mpsc::UnboundedSender<Report>,
+) -> Result<GatewayProducer, KafkaError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.bootstrap_servers)
         .set("enable.idempotence", "true")
@@ -123,8 +136,24 @@ pub fn producer(
     for (k, v) in &cfg.properties {
         c.set(k, v);
     }
-    let p = c.create_with_context(ReportContext { tx })?;
-    Ok((p, rx))
+    c.create_with_context(ReportContext { tx })
+}
+
+/// Whether a brand-new client gets cluster metadata (blocking; call from
+/// `spawn_blocking`). Tells a wedged producer client from an unreachable Kafka.
+pub fn fresh_client_reaches(cfg: &KafkaConfig, timeout: Duration) -> bool {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.bootstrap_servers);
+    for (k, v) in &cfg.properties {
+        // Producer-only and debug properties do not matter for a metadata request.
+        if k.starts_with("ssl") || k.starts_with("sasl") || k.starts_with("security") {
+            c.set(k, v);
+        }
+    }
+    let Ok(client) = c.create::<rdkafka::producer::BaseProducer>() else {
+        return false;
+    };
+    client.client().fetch_metadata(None, timeout).is_ok()
 }
 
 /// Errors that retrying cannot fix: the record goes to the DLQ instead.

@@ -34,6 +34,7 @@ pub struct GatewayMetrics {
     pub kafka_queue_depth: IntGauge,
     pub kafka_reachable: IntGauge,
     ready: IntGauge,
+    producer_recreated: IntCounter,
     spool: SpoolMetrics,
 }
 
@@ -216,6 +217,11 @@ impl GatewayMetrics {
             ),
         };
         GatewayMetrics {
+            producer_recreated: counter(
+                &r,
+                "gateway_kafka_producer_recreated_total",
+                "Kafka producers replaced because they stopped working while Kafka answered a new client (or hit a fatal error); their unsettled records were sent again.",
+            ),
             spool,
             received_mqtt: received.with_label_values(&["mqtt"]),
             received_simulated: received.with_label_values(&["simulated"]),
@@ -344,6 +350,14 @@ impl GatewayMetrics {
             );
         }
         info!(pending = r.pending_records, "spool open");
+    }
+
+    pub fn producer_recreated(&self, why: &str, resent: usize) {
+        warn!(
+            why,
+            resent, "Kafka producer replaced; records it had not settled are sent again"
+        );
+        self.producer_recreated.inc();
     }
 
     pub fn spool_appended(&self, n: usize) {

@@ -82,8 +82,6 @@ pub enum GatewayError {
     Mqtt(String),
     #[error("spool: {0}")]
     Spool(String),
-    #[error("Kafka producer failed for good: {0}")]
-    ProducerFatal(String),
 }
 
 /// The open spool: the writer's side and the directory lock.
@@ -159,8 +157,12 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         http_stop.clone(),
     ));
 
-    let (producer, reports) = kafka::producer(&cfg.kafka)?;
-    let producer = Arc::new(producer);
+    let (report_tx, reports) = mpsc::unbounded_channel();
+    let slot: kafka::ProducerSlot = Arc::new(std::sync::RwLock::new(Arc::new(kafka::producer(
+        &cfg.kafka,
+        report_tx.clone(),
+    )?)));
+    let producer = kafka::current(&slot);
     // MQTT first: the broker starts keeping our messages as soon as we are
     // subscribed, even while Kafka is still being checked.
     let (mqtt, mut mqtt_rx) = if cfg.mqtt.enabled {
@@ -177,14 +179,17 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         }
         return Err(e);
     }
+    drop(producer);
     let probe_stop = CancellationToken::new();
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<GatewayError>(1);
+    let (recreate_tx, recreate_rx) = mpsc::channel::<String>(1);
     tokio::spawn(probe_kafka(
         cfg.clone(),
-        producer.clone(),
+        slot.clone(),
         metrics.clone(),
         probe_stop.clone(),
         fatal_tx,
+        recreate_tx,
     ));
 
     // Settled readings come back on one channel, from the spool writer or
@@ -224,9 +229,10 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     };
     let spool_mode = recent.is_some();
     let forwarder = tokio::spawn(
-        Forwarder::new(&cfg.kafka, producer.clone(), metrics.clone()).run(
+        Forwarder::new(&cfg.kafka, slot.clone(), report_tx, metrics.clone()).run(
             feed,
             reports,
+            recreate_rx,
             fwd_stop.clone(),
             if spool_mode {
                 grace
@@ -350,32 +356,46 @@ async fn topics_state(
     .unwrap_or(Err(KafkaError::Canceled))
 }
 
+/// After this long with a producer that cannot reach Kafka, ask a new client:
+/// if it can, the producer is wedged and is replaced.
+const WEDGED_AFTER: Duration = Duration::from_secs(20);
+
+/// Every 2 s: is Kafka reachable (through the producer's own client), do the
+/// topics exist, is the producer still usable. A producer that stays cut off
+/// while a new client reaches Kafka, or that hit a fatal error, is replaced
+/// (librdkafka 2.12 can stop reconnecting for good after a broker restart).
 async fn probe_kafka(
     cfg: GatewayConfig,
-    producer: Arc<GatewayProducer>,
+    slot: kafka::ProducerSlot,
     metrics: GatewayMetrics,
     stop: CancellationToken,
     fatal: mpsc::Sender<GatewayError>,
+    recreate: mpsc::Sender<String>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     // A topic must be missing on several probes in a row before we give up:
     // metadata can lag right after a broker (re)start.
     let mut missing_probes = 0;
+    let mut down_since: Option<Instant> = None;
+    let mut asked = Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
+        let producer = kafka::current(&slot);
+        metrics.kafka_queue_depth.set(kafka::queue_depth(&producer));
         if let Some((code, reason)) = producer.client().fatal_error() {
-            // An idempotent producer in a fatal state never sends again: stop
-            // (nothing unsettled is lost: it is in the spool or unacknowledged).
-            let _ = fatal
-                .send(GatewayError::ProducerFatal(format!("{code:?}: {reason}")))
-                .await;
-            return;
+            // An idempotent producer in a fatal state never sends again.
+            let _ = recreate.try_send(format!("fatal producer error {code:?}: {reason}"));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
         }
-        let state = topics_state(&cfg, producer.clone(), Duration::from_secs(3)).await;
+        let state = topics_state(&cfg, producer, Duration::from_secs(3)).await;
         let was = metrics.kafka_reachable.get() == 1;
+        if state.is_ok() {
+            down_since = None;
+        }
         match state {
             Ok(None) => {
                 missing_probes = 0;
@@ -408,6 +428,23 @@ async fn probe_kafka(
                     warn!(servers = %cfg.kafka.bootstrap_servers, error = %e, "Kafka not reachable; holding readings until it is back");
                 }
                 metrics.kafka_reachable.set(0);
+                let since = *down_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= WEDGED_AFTER && asked.elapsed() >= WEDGED_AFTER / 2 {
+                    asked = Instant::now();
+                    let kcfg = cfg.kafka.clone();
+                    let fresh = tokio::task::spawn_blocking(move || {
+                        kafka::fresh_client_reaches(&kcfg, Duration::from_secs(5))
+                    })
+                    .await
+                    .unwrap_or(false);
+                    if fresh {
+                        let _ = recreate.try_send(
+                            "Kafka answers a new client but not the producer's (it stopped reconnecting)"
+                                .into(),
+                        );
+                        down_since = None;
+                    }
+                }
             }
         }
         let _ = metrics.readiness(cfg.mqtt.enabled, cfg.spool.enabled);

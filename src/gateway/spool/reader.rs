@@ -39,6 +39,14 @@ impl SpoolReader {
         }
     }
 
+    /// Reads again from `offset` (records handed to a producer that was
+    /// replaced); offsets already dropped stay skipped.
+    pub fn rewind(&mut self, offset: u64) {
+        let mut pos = self.shared.pos();
+        pos.next = offset.max(pos.floor);
+        self.open = None;
+    }
+
     /// Appends up to `max` durable records to `out`, in offset order.
     pub fn read(&mut self, max: usize, out: &mut Vec<Record>) -> io::Result<usize> {
         let durable = self.shared.durable.load(Ordering::Acquire);
