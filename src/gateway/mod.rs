@@ -377,6 +377,8 @@ async fn probe_kafka(
     // metadata can lag right after a broker (re)start.
     let mut missing_probes = 0;
     let mut down_since: Option<Instant> = None;
+    // Since when a new client reaches Kafka while the producer's does not.
+    let mut fresh_since: Option<Instant> = None;
     let mut asked = Instant::now();
     loop {
         tokio::select! {
@@ -395,6 +397,7 @@ async fn probe_kafka(
         let was = metrics.kafka_reachable.get() == 1;
         if state.is_ok() {
             down_since = None;
+            fresh_since = None;
         }
         match state {
             Ok(None) => {
@@ -429,7 +432,7 @@ async fn probe_kafka(
                 }
                 metrics.kafka_reachable.set(0);
                 let since = *down_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= WEDGED_AFTER && asked.elapsed() >= WEDGED_AFTER / 2 {
+                if since.elapsed() >= WEDGED_AFTER && asked.elapsed() >= Duration::from_secs(5) {
                     asked = Instant::now();
                     let kcfg = cfg.kafka.clone();
                     let fresh = tokio::task::spawn_blocking(move || {
@@ -437,12 +440,18 @@ async fn probe_kafka(
                     })
                     .await
                     .unwrap_or(false);
-                    if fresh {
+                    // Longer than librdkafka's reconnect backoff (10 s at most):
+                    // a producer that is merely waiting to reconnect is left alone.
+                    let first = fresh.then(|| *fresh_since.get_or_insert_with(Instant::now));
+                    if !fresh {
+                        fresh_since = None;
+                    } else if first.is_some_and(|t| t.elapsed() >= Duration::from_secs(12)) {
                         let _ = recreate.try_send(
                             "Kafka answers a new client but not the producer's (it stopped reconnecting)"
                                 .into(),
                         );
                         down_since = None;
+                        fresh_since = None;
                     }
                 }
             }
