@@ -1304,3 +1304,90 @@ async fn a_full_disk_blocks_or_drops_exactly_what_it_counts() {
         );
     }
 }
+
+/// Publishes one QoS 1 message with `retain` and waits for its PUBACK.
+async fn publish_one(topic: &str, payload: &[u8], retain: bool) {
+    let (host, port) = common::mqtt_host_port();
+    let mut opts = MqttOptions::new(common::unique_name("pub1"), host, port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut el) = AsyncClient::new(opts, 10);
+    client
+        .publish(topic, QoS::AtLeastOnce, retain, payload.to_vec())
+        .await
+        .expect("publish");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("publish {topic}: {e}"),
+            Err(_) => panic!("no PUBACK for {topic}"),
+        }
+    }
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), el.poll()).await;
+}
+
+/// A retained reading replayed on every resubscribe (here: after a restart)
+/// is spooled once and the repeat counted; the same `seq` with a new `ts` (a
+/// device that restarted its counter) is a new reading.
+#[tokio::test(flavor = "multi_thread")]
+async fn replayed_retained_reading_is_not_sent_twice_but_a_restarted_device_is_kept() {
+    let s = Setup::new("gw-dedup").await;
+    let topic = s.mqtt_topic("ret-1");
+    let ts = now_ms() - 1000;
+    let first = format!(r#"{{"temperature":20.5,"humidity":40,"seq":1,"ts":{ts}}}"#);
+    let mut gw = s.start(&[], "gateway-1");
+    s.wait_ready(&mut gw).await;
+    publish_one(&topic, first.as_bytes(), true).await;
+    let ok = common::eventually(Duration::from_secs(20), || {
+        s.metric("gateway_readings_delivered_total", &[]) == 1.0
+    })
+    .await;
+    assert!(ok, "log:\n{}", gw.log_text());
+    assert_eq!(
+        gw.terminate(Duration::from_secs(15)).map(|st| st.code()),
+        Some(Some(0))
+    );
+
+    // Restart: the broker sends the retained reading again on subscribe.
+    let mut gw = s.start(&[], "gateway-2");
+    s.wait_ready(&mut gw).await;
+    let skipped = common::eventually(Duration::from_secs(20), || {
+        s.metric("gateway_spool_duplicates_skipped_total", &[]) == 1.0
+    })
+    .await;
+    assert!(
+        skipped,
+        "replayed retained reading skipped; log:\n{}",
+        gw.log_text()
+    );
+    // The device restarts: seq 1 again, later ts.
+    let again = format!(
+        r#"{{"temperature":21.0,"humidity":41,"seq":1,"ts":{}}}"#,
+        ts + 500
+    );
+    publish_one(&topic, again.as_bytes(), false).await;
+    let records =
+        common::consume(&s.topic, 2, Duration::from_secs(30), Duration::from_secs(3)).await;
+    let temps: Vec<f64> = records
+        .iter()
+        .map(|m| {
+            let v: serde_json::Value =
+                serde_json::from_slice(m.payload().expect("value")).expect("json");
+            v["temperature"].as_f64().expect("temperature")
+        })
+        .collect();
+    assert_eq!(
+        temps,
+        vec![20.5, 21.0],
+        "one record each; log:\n{}",
+        gw.log_text()
+    );
+    // Clear the retained message.
+    publish_one(&topic, b"", true).await;
+    assert_eq!(
+        gw.terminate(Duration::from_secs(15)).map(|st| st.code()),
+        Some(Some(0))
+    );
+}
