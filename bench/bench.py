@@ -416,9 +416,10 @@ def soak(outage_min, rate, devices=100):
         gw.stop()
     check = verify_topic(topic, sent)
     delete_topics([topic, dlq])
-    out = {"outage_min": outage_min, "rate": rate, "spooled_peak": peak, "drain_s": drain_s,
-           "drain_rate": drain_rate, "sent": sent, "verified": check}
-    (ROOT / "bench" / "out" / "soak.json").write_text(json.dumps(out, indent=2))
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "outage_min": outage_min, "rate": rate,
+           "spooled_peak": peak, "drain_s": drain_s, "drain_rate": drain_rate, "sent": sent, "verified": check}
+    # Kept (committed) next to results.json: the report includes the last soak.
+    (ROOT / "bench" / "soak.json").write_text(json.dumps(out, indent=2) + "\n")
     log(f"soak: {json.dumps(out)}")
     if not check["ok"]:
         raise BenchError(f"soak: delivery check failed: {check}")
@@ -601,6 +602,9 @@ def main():
         path.write_text(json.dumps(out, indent=2))
         log(f"quick run: {len(results)} cases, {len(failures)} failures -> {path}")
     else:
+        soak_file = ROOT / "bench" / "soak.json"
+        if soak_file.exists():
+            out["soak"] = json.loads(soak_file.read_text())
         (ROOT / "bench" / "results.json").write_text(json.dumps(out, indent=2) + "\n")
         import report
 
