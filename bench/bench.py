@@ -106,6 +106,15 @@ def verify_topic(name, want, partitions=6):
     return {"records": total, "distinct": len(seen), "expected": want, "ok": ok}
 
 
+def checked_and_deleted(topic, dlq, total, what):
+    """verify_topic, then drop the case's topics; fails the case on a bad check."""
+    check = verify_topic(topic, total)
+    delete_topics([topic, dlq])
+    if not check["ok"]:
+        raise BenchError(f"{what}: delivery check failed: {check}")
+    return check
+
+
 def proc_cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -329,10 +338,7 @@ def case_e2e(kind, n, devices, mode="async"):
         rss = proc_peak_rss_mib(proc.p.pid)
     finally:
         proc.stop()
-    check = verify_topic(topic, total)
-    delete_topics([topic, dlq])
-    if not check["ok"]:
-        raise BenchError(f"{kind} {mode}: delivery check failed: {check}")
+    check = checked_and_deleted(topic, dlq, total, f"{kind} {mode}")
     return {"rate": total / elapsed, "count": total, "cpu_us_per_reading": cpu / total * 1e6,
             "peak_rss_mib": rss, "verified": check}
 
@@ -368,10 +374,7 @@ def case_drain(spool, n, devices):
         fsyncs = fs.get(float("inf"), 0)
     finally:
         gw.stop()
-    check = verify_topic(topic, total)
-    delete_topics([topic, dlq])
-    if not check["ok"]:
-        raise BenchError(f"{name} drain: delivery check failed: {check}")
+    check = checked_and_deleted(topic, dlq, total, f"{name} drain")
     ms = lambda v: None if v is None else v * 1000
     return {"rate": total / elapsed, "count": total, "cpu_us_per_reading": cpu / total * 1e6,
             "peak_rss_mib": rss, "fsync_p50_ms": ms(q[0.5]), "fsync_p99_ms": ms(q[0.99]),
