@@ -2,10 +2,10 @@
 //!
 //! ```text
 //! gateway::mqtt / gateway::simulated (fleet)      sources -> SourceEvent
-//!   -> reading::parse                              raw payload -> Reading | Rejection
-//!   -> gateway (pipeline)                          canonical JSON, keyed by device
-//!   -> gateway::kafka                              idempotent producer, delivery reports
-//!   -> gateway::acks                               PUBACK the contiguous delivered prefix
+//!   -> gateway::intake (reading::parse)            Kafka record: canonical reading or dead letter
+//!   -> gateway::spool (writer thread)              append + group fsync -> durable
+//!   -> gateway::acks                               PUBACK the contiguous durable prefix
+//! gateway::spool (reader) -> gateway::forwarder    idempotent producer, in order -> checkpoint
 //! ```
 //!
 //! - [`reading`]: validation and the canonical record (pure).
