@@ -119,7 +119,7 @@ impl Forwarder {
     }
 
     /// Runs until `stop`, then waits up to `grace` for what is in flight. A
-    /// message on `recreate` replaces the producer (see [`Forwarder::recreate`]).
+    /// message on `recreate` replaces the producer (see `Forwarder::recreate`).
     pub async fn run(
         mut self,
         feed: Feed,

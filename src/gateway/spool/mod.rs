@@ -4,7 +4,7 @@
 //!
 //! Layout of `dir`:
 //! - `<20-digit base offset>.seg`: a 32-byte header ([`format::segment_header`])
-//!   then records (`len u32 | crc32c u32 | body`, see [`format`]). Offsets
+//!   then records (`len u32 | crc32c u32 | body`, see [`mod@format`]). Offsets
 //!   increase by one per record; the file name is the first record's offset.
 //!   Only the last segment is appended to; it is sealed (fsynced) when it passes
 //!   `segment_bytes`, and a new one is started.
