@@ -79,9 +79,57 @@ async fn topics_state(
     .unwrap_or(Err(KafkaError::Canceled))
 }
 
-/// After this long with a producer that cannot reach Kafka, ask a new client:
-/// if it can, the producer is wedged and is replaced.
-const WEDGED_AFTER: Duration = Duration::from_secs(20);
+/// When to call a producer wedged (pure; the probe feeds it).
+#[derive(Debug, Default)]
+struct Wedge {
+    /// Since when the producer's client cannot reach Kafka.
+    down_since: Option<Instant>,
+    /// Since when a new client reaches Kafka meanwhile.
+    fresh_since: Option<Instant>,
+    asked: Option<Instant>,
+}
+
+impl Wedge {
+    /// After this long unreachable through the producer, ask a new client.
+    const AFTER: Duration = Duration::from_secs(20);
+    /// ...at most this often...
+    const ASK_EVERY: Duration = Duration::from_secs(5);
+    /// ...and replace the producer once a new client has reached Kafka for
+    /// this long: more than librdkafka's reconnect backoff (10 s at most), so
+    /// a producer that is merely about to reconnect is left alone.
+    const CONFIRM: Duration = Duration::from_secs(12);
+
+    fn reachable(&mut self) {
+        *self = Wedge::default();
+    }
+
+    /// The producer's client failed; true if a new client should be asked now.
+    fn unreachable(&mut self, now: Instant) -> bool {
+        let since = *self.down_since.get_or_insert(now);
+        let ask = now.duration_since(since) >= Self::AFTER
+            && self
+                .asked
+                .is_none_or(|a| now.duration_since(a) >= Self::ASK_EVERY);
+        if ask {
+            self.asked = Some(now);
+        }
+        ask
+    }
+
+    /// What the new client found; true when the producer is to be replaced.
+    fn fresh_client(&mut self, now: Instant, reached: bool) -> bool {
+        if !reached {
+            self.fresh_since = None;
+            return false;
+        }
+        let first = *self.fresh_since.get_or_insert(now);
+        if now.duration_since(first) >= Self::CONFIRM {
+            self.reachable();
+            return true;
+        }
+        false
+    }
+}
 
 /// Every 2 s: is Kafka reachable (through the producer's own client), do the
 /// topics exist, is the producer still usable. A producer that stays cut off
@@ -99,10 +147,7 @@ pub async fn probe_kafka(
     // A topic must be missing on several probes in a row before we give up:
     // metadata can lag right after a broker (re)start.
     let mut missing_probes = 0;
-    let mut down_since: Option<Instant> = None;
-    // Since when a new client reaches Kafka while the producer's does not.
-    let mut fresh_since: Option<Instant> = None;
-    let mut asked = Instant::now();
+    let mut wedge = Wedge::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -119,8 +164,7 @@ pub async fn probe_kafka(
         let state = topics_state(&cfg, producer, Duration::from_secs(3)).await;
         let was = metrics.kafka_reachable.get() == 1;
         if state.is_ok() {
-            down_since = None;
-            fresh_since = None;
+            wedge.reachable();
         }
         match state {
             Ok(None) => {
@@ -154,31 +198,54 @@ pub async fn probe_kafka(
                     warn!(servers = %cfg.kafka.bootstrap_servers, error = %e, "Kafka not reachable; holding readings until it is back");
                 }
                 metrics.kafka_reachable.set(0);
-                let since = *down_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= WEDGED_AFTER && asked.elapsed() >= Duration::from_secs(5) {
-                    asked = Instant::now();
+                if wedge.unreachable(Instant::now()) {
                     let kcfg = cfg.kafka.clone();
                     let fresh = tokio::task::spawn_blocking(move || {
                         kafka::fresh_client_reaches(&kcfg, Duration::from_secs(5))
                     })
                     .await
                     .unwrap_or(false);
-                    // Longer than librdkafka's reconnect backoff (10 s at most):
-                    // a producer that is merely waiting to reconnect is left alone.
-                    let first = fresh.then(|| *fresh_since.get_or_insert_with(Instant::now));
-                    if !fresh {
-                        fresh_since = None;
-                    } else if first.is_some_and(|t| t.elapsed() >= Duration::from_secs(12)) {
+                    if wedge.fresh_client(Instant::now(), fresh) {
                         let _ = recreate.try_send(
                             "Kafka answers a new client but not the producer's (it stopped reconnecting)"
                                 .into(),
                         );
-                        down_since = None;
-                        fresh_since = None;
                     }
                 }
             }
         }
         let _ = metrics.readiness(cfg.mqtt.enabled, cfg.spool.enabled);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reconnecting_producer_is_left_alone_a_wedged_one_replaced() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut w = Wedge::default();
+        // Kafka down: nobody is asked during the first 20 s.
+        for s in (0..20).step_by(2) {
+            assert!(!w.unreachable(at(s)));
+        }
+        assert!(w.unreachable(at(20)));
+        assert!(!w.fresh_client(at(20), false), "Kafka is down for everyone");
+        assert!(!w.unreachable(at(22)), "asked at most every 5 s");
+        assert!(w.unreachable(at(26)));
+        // Kafka is back for new clients; the producer reconnects in time.
+        assert!(!w.fresh_client(at(26), true));
+        w.reachable();
+        assert!(!w.unreachable(at(28)), "a new outage starts from zero");
+        // Wedged: a new client reaches Kafka for 12 s, the producer never does.
+        assert!(w.unreachable(at(48)));
+        assert!(!w.fresh_client(at(48), true));
+        assert!(w.unreachable(at(54)));
+        assert!(!w.fresh_client(at(54), true));
+        assert!(w.unreachable(at(60)));
+        assert!(w.fresh_client(at(60), true), "replace");
+        assert!(!w.unreachable(at(62)), "and start over");
     }
 }
