@@ -387,8 +387,11 @@ impl Forwarder {
     fn mark(&mut self, id: u64) {
         if let Ok(i) = self.in_flight.binary_search_by_key(&id, |e| e.id) {
             self.in_flight[i].settled = true;
+            // Without the spool the pipeline acknowledges each id itself.
+            if self.in_flight[i].copy.is_some() {
+                self.settled_ids.push(id);
+            }
         }
-        self.settled_ids.push(id);
     }
 
     /// Releases the settled prefix: the checkpoint (spool) or the acks (memory).
@@ -404,8 +407,6 @@ impl Forwarder {
             if !self.settled_ids.is_empty() {
                 let _ = settled.send(AckEvent::Ready(std::mem::take(&mut self.settled_ids)));
             }
-        } else {
-            self.settled_ids.clear();
         }
         self.metrics.in_flight.set(self.in_flight.len() as i64);
     }

@@ -79,6 +79,17 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     g
 }
 
+fn seconds_histogram(registry: &Registry, name: &str, help: &str) -> Histogram {
+    let h = Histogram::with_opts(
+        HistogramOpts::new(name, help).buckets(crate::telemetry::LATENCY_BUCKETS.to_vec()),
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("unique metric");
+    h
+}
+
 fn labelled(
     registry: &Registry,
     name: &str,
@@ -116,16 +127,11 @@ impl GatewayMetrics {
             .copied()
             .chain([KAFKA_REJECTED])
             .collect();
-        let latency = Histogram::with_opts(
-            HistogramOpts::new(
-                "gateway_delivery_latency_seconds",
-                "Time from receiving a reading to Kafka acknowledging it.",
-            )
-            .buckets(crate::telemetry::LATENCY_BUCKETS.to_vec()),
-        )
-        .expect("valid metric");
-        r.register(Box::new(latency.clone()))
-            .expect("unique metric");
+        let latency = seconds_histogram(
+            &r,
+            "gateway_delivery_latency_seconds",
+            "Time from receiving a reading to Kafka acknowledging it.",
+        );
         let errors = IntCounterVec::new(
             Opts::new(
                 "gateway_delivery_errors_total",
@@ -142,15 +148,11 @@ impl GatewayMetrics {
         .expect("valid metric");
         build.set(1);
         r.register(Box::new(build)).expect("unique metric");
-        let fsync = Histogram::with_opts(
-            HistogramOpts::new(
-                "gateway_spool_fsync_duration_seconds",
-                "Time of one spool fdatasync (one per group of readings).",
-            )
-            .buckets(crate::telemetry::LATENCY_BUCKETS.to_vec()),
-        )
-        .expect("valid metric");
-        r.register(Box::new(fsync.clone())).expect("unique metric");
+        let fsync = seconds_histogram(
+            &r,
+            "gateway_spool_fsync_duration_seconds",
+            "Time of one spool fdatasync (one per group of readings).",
+        );
         let oldest_age = prometheus::Gauge::new(
             "gateway_spool_oldest_unsent_age_seconds",
             "Age of the oldest reading not yet acknowledged by Kafka (how far behind Kafka the edge is); 0 when none.",

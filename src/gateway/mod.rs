@@ -42,7 +42,7 @@ use self::metrics::GatewayMetrics;
 use self::seq::{SeqOutcome, SeqTracker};
 use self::spool::writer::{Entry, SyncPolicy, Writer};
 use self::spool::{Record, Spool, SpoolOptions};
-use crate::config::{FsyncMode, GatewayConfig};
+use crate::config::GatewayConfig;
 
 /// One received payload.
 #[derive(Debug, Clone)]
@@ -83,39 +83,26 @@ pub enum GatewayError {
     Spool(String),
 }
 
-/// The open spool: the writer's side and the directory lock.
+/// The open spool: the writer's side, the reader, and recent readings.
 struct OpenSpool {
     spool: Arc<Mutex<Spool>>,
     reader: spool::SpoolReader,
     recent: Recent,
-    _lock: std::fs::File,
 }
 
 fn open_spool(cfg: &GatewayConfig, metrics: &GatewayMetrics) -> Result<OpenSpool, GatewayError> {
-    let dir = &cfg.spool.dir;
-    let ctx = |what: &str, e: std::io::Error| {
-        GatewayError::Spool(format!("{what} {} (spool.dir): {e}", dir.display()))
-    };
-    std::fs::create_dir_all(dir).map_err(|e| ctx("cannot create", e))?;
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("lock"))
-        .map_err(|e| ctx("cannot open the lock file in", e))?;
-    if lock.try_lock().is_err() {
-        return Err(GatewayError::Spool(format!(
-            "{} (spool.dir) is in use by another gateway; give each gateway its own spool.dir",
-            dir.display()
-        )));
-    }
     let (spool, reader, rec) = Spool::open(SpoolOptions {
-        dir: dir.clone(),
+        dir: cfg.spool.dir.clone(),
         max_bytes: cfg.spool.max_bytes,
         segment_bytes: cfg.spool.segment_bytes,
         on_full: cfg.spool.on_full,
     })
-    .map_err(|e| ctx("cannot open the spool in", e))?;
+    .map_err(|e| {
+        GatewayError::Spool(format!(
+            "cannot open the spool in {} (spool.dir): {e}",
+            cfg.spool.dir.display()
+        ))
+    })?;
     metrics.spool_recovered(&rec);
     let mut recent = Recent::new(spool::RECENT_KEEP);
     for (k, seq, ts) in &rec.recent {
@@ -125,7 +112,6 @@ fn open_spool(cfg: &GatewayConfig, metrics: &GatewayMetrics) -> Result<OpenSpool
         spool: Arc::new(Mutex::new(spool)),
         reader,
         recent,
-        _lock: lock,
     })
 }
 
@@ -198,24 +184,14 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     let fwd_stop = CancellationToken::new();
     let (out, feed, recent) = match opened {
         Some(o) => {
-            let policy = match cfg.spool.fsync {
-                FsyncMode::Batch => SyncPolicy::Batch,
-                FsyncMode::Interval => {
-                    SyncPolicy::Interval(Duration::from_millis(cfg.spool.fsync_interval_ms))
-                }
-                FsyncMode::Never => SyncPolicy::Never,
-            };
+            let policy = SyncPolicy::from_config(&cfg.spool);
             let writer = Writer::start(o.spool.clone(), policy, settled_tx, metrics.clone())
                 .map_err(|e| GatewayError::Spool(format!("starting the writer thread: {e}")))?;
             let feed = Feed::Spool {
                 reader: o.reader,
                 spool: o.spool,
             };
-            (
-                Out::Spool(writer, Vec::new()),
-                feed,
-                Some((o.recent, o._lock)),
-            )
+            (Out::Spool(writer, Vec::new()), feed, Some(o.recent))
         }
         None => {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -250,10 +226,6 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         spool = spool_mode,
         "gateway running"
     );
-    let (recent, _lock) = match recent {
-        Some((r, l)) => (Some(r), Some(l)),
-        None => (None, None),
-    };
     let mut pipeline = Pipeline::new(&cfg, metrics.clone(), out, recent);
     let acker = mqtt.as_ref().map(|m| m.acker.clone());
     let mut sim_rx = match sim {

@@ -154,7 +154,6 @@ pub async fn probe_kafka(
             _ = stop.cancelled() => return,
         }
         let producer = kafka::current(&slot);
-        metrics.kafka_queue_depth.set(kafka::queue_depth(&producer));
         if let Some((code, reason)) = producer.client().fatal_error() {
             // An idempotent producer in a fatal state never sends again.
             let _ = recreate.try_send(format!("fatal producer error {code:?}: {reason}"));

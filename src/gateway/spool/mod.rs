@@ -134,6 +134,8 @@ pub struct Spool {
     total_bytes: u64,
     buf: Vec<u8>,
     shared: Arc<Shared>,
+    /// Held (locked) while the spool is open.
+    _lock: File,
 }
 
 fn segment_name(base: u64) -> String {
@@ -181,6 +183,18 @@ impl Spool {
     pub fn open(opts: SpoolOptions) -> io::Result<(Spool, SpoolReader, Recovery)> {
         fs::create_dir_all(&opts.dir)?;
         let dir = opts.dir.clone();
+        // One writer per directory; the lock goes with the process.
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))?;
+        if lock.try_lock().is_err() {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                "in use by another gateway; give each gateway its own spool.dir",
+            ));
+        }
         let _ = fs::remove_file(dir.join("checkpoint.tmp"));
         let mut rec = Recovery::default();
         let mut generation = 0;
@@ -224,7 +238,7 @@ impl Spool {
         }
         let end = segments.back().map(|s| s.end);
         let first = segments.front().map(|s| s.base);
-        let mut ck = match (ck_file, end) {
+        let ck = match (ck_file, end) {
             (Some(c), Some(e)) if c > e => {
                 rec.checkpoint_invalid = true;
                 first.unwrap_or(0)
@@ -232,9 +246,6 @@ impl Spool {
             (Some(c), _) => c,
             (None, _) => first.unwrap_or(0),
         };
-        if rec.checkpoint_invalid {
-            ck = first.unwrap_or(0);
-        }
         // Offsets between the first unacknowledged one and the end that no
         // segment holds were lost to damage.
         if let (Some(f), Some(e)) = (first, end) {
@@ -289,6 +300,7 @@ impl Spool {
             total_bytes,
             buf: Vec::with_capacity(1 << 20),
             shared: shared.clone(),
+            _lock: lock,
         };
         Ok((spool, SpoolReader::new(dir, shared), rec))
     }

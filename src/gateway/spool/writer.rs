@@ -25,6 +25,17 @@ pub enum SyncPolicy {
     Never,
 }
 
+impl SyncPolicy {
+    pub fn from_config(c: &crate::config::SpoolConfig) -> Self {
+        use crate::config::FsyncMode;
+        match c.fsync {
+            FsyncMode::Batch => SyncPolicy::Batch,
+            FsyncMode::Interval => SyncPolicy::Interval(Duration::from_millis(c.fsync_interval_ms)),
+            FsyncMode::Never => SyncPolicy::Never,
+        }
+    }
+}
+
 /// One reading for the writer; `record: None` writes nothing (a duplicate or a
 /// reading dropped by intake) but is confirmed in order with the others.
 #[derive(Debug)]
