@@ -156,16 +156,26 @@ def write(out, root: Path):
         f"gateway needs {_fmt(ratio(py_cpu, gw_cpu), 1)}x less CPU ({_fmt(gw_cpu, 2)} us vs {_fmt(py_cpu, 2)} us); the "
         "Python bridge is bound to one core (GIL) and also acks MQTT before Kafka has the reading. On a machine "
         "where the load does not share the cores, the CPU ratio is what the throughput ratio tends to.",
-        f"- **Gateway CPU per reading** ({_fmt(gw_cpu, 2)} us vs 4 us). `perf` splits it roughly 40% pipeline thread "
+        f"- **Gateway CPU per reading** ({_fmt(gw_cpu, 2)} us vs 4 us). A `perf` profile taken before the spool "
+        "(not in this run) split it roughly 40% pipeline thread "
         "(JSON parse into `serde_json::Value`, canonical JSON, headers, per-device seq lookup, allocations), 35% "
         "MQTT event loop (packet decode, one PUBACK write per message), 25% librdkafka threads (copy, lz4, "
-        "delivery reports), plus context switches between them. What would move it: parsing into a borrowed "
+        "delivery reports), plus context switches between them; the spool adds an encode, a write and a read-back "
+        "per reading. What would move it: parsing into a borrowed "
         "struct instead of a `Value`, coalescing PUBACKs into fewer socket writes, fewer allocations per record "
         "(key, headers), and one thread for the event loop and the pipeline.",
         f"- **Aggregator**: {_fmt(_m(g('aggregator')))} readings/s at {_fmt(agg_cpu, 2)} us CPU per reading. "
-        "What moved it past 250,000/s was not CPU but fetch size: librdkafka's default 1 MiB per partition and "
-        "fetch capped catch-up at ~230,000/s; 4 MiB per partition (with a 16 MiB prefetch queue bound) and a "
-        "batch-applying consumer thread lifted it.",
+        "Its limit is fetch size more than CPU: librdkafka's default 1 MiB per partition capped catch-up, and 4 MiB "
+        "per partition (with a 16 MiB prefetch queue bound) and a batch-applying consumer thread lifted it past "
+        "250,000/s on the machine of the previous run; this run's machine is slower for every case (compare the "
+        "unchanged ceilings and the Python bridge with the earlier BENCHMARKS.md in git history).",
+        f"- **Gateway RSS** ({_fmt(_m(g('gateway_async'), 'peak_rss_mib'), 1)} MiB at full load, idle about 8.5 MiB): "
+        "with the spool up to `kafka.max_in_flight` readings wait in the pipeline and as many again in librdkafka, "
+        "as `Record` values of several heap allocations each; a smaller window (2,000) lowered a drain's peak only to "
+        "about 112 MiB, and `MALLOC_ARENA_MAX=2` changed nothing. Not yet explained; encoding on the pipeline thread "
+        "(bytes, not records, to the writer) is the first thing to try.",
+        f"- **Latency**: p99 at 10,000 readings/s includes one spool fsync (this disk: fsync p99 "
+        f"{_fmt(_m(g('drain_spool'), 'fsync_p99_ms'), 1)} ms in the drain case), which is what misses 20 ms.",
     ]
     if out["failures"]:
         lines += ["", "## Failed cases", ""] + [f"- {f}" for f in out["failures"]]
