@@ -32,21 +32,35 @@ pub async fn check_topics(
             warn!(error = %e, "could not create topics yet (Kafka down?); trying again when Kafka answers");
         }
     }
-    match topics_state(cfg, producer.clone(), Duration::from_secs(5)).await {
-        Ok(None) => {
-            metrics.kafka_reachable.set(1);
-            Ok(())
-        }
-        Ok(Some(topic)) => Err(GatewayError::MissingTopic {
-            topic,
-            servers: cfg.kafka.bootstrap_servers.clone(),
-        }),
-        Err(e) => {
-            warn!(servers = %cfg.kafka.bootstrap_servers, error = %e, "Kafka is not reachable; readings wait (not acknowledged) until it is");
-            Ok(())
+    // A topic created a moment ago can still be missing from the broker's
+    // metadata: like the probe, believe "missing" only after a few looks.
+    let mut looks = 0;
+    loop {
+        looks += 1;
+        match topics_state(cfg, producer.clone(), Duration::from_secs(5)).await {
+            Ok(None) => {
+                metrics.kafka_reachable.set(1);
+                return Ok(());
+            }
+            Ok(Some(_)) if looks < MISSING_LOOKS => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Ok(Some(topic)) => {
+                return Err(GatewayError::MissingTopic {
+                    topic,
+                    servers: cfg.kafka.bootstrap_servers.clone(),
+                })
+            }
+            Err(e) => {
+                warn!(servers = %cfg.kafka.bootstrap_servers, error = %e, "Kafka is not reachable; readings wait until it is");
+                return Ok(());
+            }
         }
     }
 }
+
+/// Metadata answers in a row that must lack a topic at start-up before it is missing.
+const MISSING_LOOKS: u32 = 3;
 
 /// Creates the main topic and (if enabled) the DLQ; existing ones are kept.
 async fn create_topics(cfg: &GatewayConfig) -> Result<(), String> {

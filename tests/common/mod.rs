@@ -114,6 +114,29 @@ pub async fn create_topic_with(name: &str, partitions: i32, configs: &[(&str, &s
             panic!("creating topic {t} failed: {code}");
         }
     }
+    // Created is not yet visible: wait until the broker's metadata lists it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = admin
+            .inner()
+            .fetch_metadata(Some(name), Duration::from_secs(5))
+            .map(|md| {
+                md.topics().iter().any(|t| {
+                    t.name() == name
+                        && t.error().is_none()
+                        && t.partitions().len() == partitions as usize
+                })
+            })
+            .unwrap_or(false);
+        if listed {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "topic {name} created but not in the metadata after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 // ------------------------------------------------------------------ HTTP
