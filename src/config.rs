@@ -9,6 +9,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::reading::Limits;
+use crate::security::kafka::{KafkaSaslConfig, KafkaSecurity, KafkaTlsConfig};
+use crate::security::mqtt::MqttTlsConfig;
+use crate::security::{secret, Secret};
 
 /// A configuration problem, naming the file (or environment) and the key.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +72,20 @@ fn describe_config_error(e: &config::ConfigError, prefix: &str) -> String {
     }
 }
 
+/// An error whose message already names the key.
+fn at(origin: &Path, message: String) -> ConfigError {
+    ConfigError {
+        origin: origin.display().to_string(),
+        message,
+    }
+}
+
+/// A `[kafka]` section's security keys, errors named under `kafka.`.
+fn validate_kafka_security(origin: &Path, s: KafkaSecurity<'_>) -> Result<(), ConfigError> {
+    s.validate()
+        .map_err(|(key, why)| invalid(origin, &format!("kafka.{key}"), why))
+}
+
 fn invalid(origin: &Path, key: &str, why: impl std::fmt::Display) -> ConfigError {
     ConfigError {
         origin: origin.display().to_string(),
@@ -76,16 +93,30 @@ fn invalid(origin: &Path, key: &str, why: impl std::fmt::Display) -> ConfigError
     }
 }
 
-/// Parses `mqtt://host:port` (or `tcp://`); the port defaults to 1883.
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
-    let rest = if let Some(r) = url.strip_prefix("mqtt://") {
-        r
+/// Where an MQTT URL points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttUrl {
+    pub host: String,
+    pub port: u16,
+    /// `mqtts://` (or `ssl://`): TLS.
+    pub tls: bool,
+}
+
+/// Parses `mqtt://host:port` (or `tcp://`, port 1883 by default) and
+/// `mqtts://host:port` (or `ssl://`, port 8883 by default).
+pub fn parse_mqtt_url(url: &str) -> Result<MqttUrl, String> {
+    let (rest, tls) = if let Some(r) = url.strip_prefix("mqtt://") {
+        (r, false)
     } else if let Some(r) = url.strip_prefix("tcp://") {
-        r
-    } else if url.starts_with("mqtts://") || url.starts_with("ssl://") {
-        return Err("TLS (mqtts://) is not built into this gateway; terminate TLS in the broker or a sidecar".into());
+        (r, false)
+    } else if let Some(r) = url.strip_prefix("mqtts://") {
+        (r, true)
+    } else if let Some(r) = url.strip_prefix("ssl://") {
+        (r, true)
     } else {
-        return Err(format!("{url:?} is not an mqtt://host:port URL"));
+        return Err(format!(
+            "{url:?} is not an mqtt://host:port or mqtts://host:port URL"
+        ));
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
@@ -94,12 +125,16 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
             p.parse::<u16>()
                 .map_err(|_| format!("port {p:?} in {url:?} is not a number"))?,
         ),
-        None => (rest, 1883),
+        _ => (rest, if tls { 8883 } else { 1883 }),
     };
     if host.is_empty() || host.contains('/') {
         return Err(format!("{url:?} has no valid host"));
     }
-    Ok((host.trim_matches(['[', ']']).to_string(), port))
+    Ok(MqttUrl {
+        host: host.trim_matches(['[', ']']).to_string(),
+        port,
+        tls,
+    })
 }
 
 // ------------------------------------------------------------------ gateway
@@ -214,7 +249,12 @@ pub struct MqttConfig {
     /// Fixed id: the broker keeps the session (and unacked messages) under it.
     pub client_id: String,
     pub username: Option<String>,
-    pub password: Option<String>,
+    /// The password (or `password_file`, or `GATEWAY__MQTT__PASSWORD`); never logged.
+    pub password: Option<Secret>,
+    /// A file whose first line is the password.
+    pub password_file: Option<PathBuf>,
+    /// TLS for `mqtts://` URLs.
+    pub tls: MqttTlsConfig,
     /// Topic filters; the device id is taken from the first `+` segment.
     pub topics: Vec<String>,
     /// Topic segment (0-based) holding the device id; default: the `+` position.
@@ -242,6 +282,8 @@ impl Default for MqttConfig {
             client_id: "iot-gateway".into(),
             username: None,
             password: None,
+            password_file: None,
+            tls: MqttTlsConfig::default(),
             topics: vec!["sensors/+/telemetry".into()],
             device_id_segment: None,
             version: MqttVersion::V311,
@@ -313,8 +355,23 @@ pub struct KafkaConfig {
     /// librdkafka's message.timeout.ms; 0 (default) = retry until Kafka takes
     /// it, which keeps order across outages (in-flight is bounded by max_in_flight).
     pub message_timeout_ms: u64,
+    /// plaintext (default), ssl, sasl_ssl or sasl_plaintext.
+    pub security_protocol: String,
+    pub tls: KafkaTlsConfig,
+    pub sasl: KafkaSaslConfig,
     /// Any librdkafka producer property, passed through as is.
     pub properties: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    pub fn security(&self) -> KafkaSecurity<'_> {
+        KafkaSecurity {
+            protocol: &self.security_protocol,
+            tls: &self.tls,
+            sasl: &self.sasl,
+            properties: &self.properties,
+        }
+    }
 }
 
 impl Default for KafkaConfig {
@@ -333,6 +390,9 @@ impl Default for KafkaConfig {
             compression: "lz4".into(),
             linger_ms: 5,
             message_timeout_ms: 0,
+            security_protocol: "plaintext".into(),
+            tls: KafkaTlsConfig::default(),
+            sasl: KafkaSaslConfig::default(),
             properties: BTreeMap::new(),
         }
     }
@@ -397,8 +457,10 @@ const COMPRESSIONS: [&str; 4] = ["none", "gzip", "snappy", "lz4"];
 impl GatewayConfig {
     /// Loads the file (if any) and `GATEWAY__*` variables, then validates.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let cfg: GatewayConfig = load(path, "GATEWAY", &["mqtt.topics"])?;
-        cfg.validate(path.unwrap_or(Path::new("built-in defaults")))?;
+        let mut cfg: GatewayConfig = load(path, "GATEWAY", &["mqtt.topics"])?;
+        let origin = path.unwrap_or(Path::new("built-in defaults"));
+        cfg.validate(origin)?;
+        cfg.resolve_files(origin)?;
         Ok(cfg)
     }
 
@@ -406,7 +468,20 @@ impl GatewayConfig {
     pub fn validate(&self, origin: &Path) -> Result<(), ConfigError> {
         let bad = |key: &str, why: &str| Err(invalid(origin, key, why));
         if self.mqtt.enabled {
-            parse_mqtt_url(&self.mqtt.url).map_err(|e| invalid(origin, "mqtt.url", e))?;
+            let url = parse_mqtt_url(&self.mqtt.url).map_err(|e| invalid(origin, "mqtt.url", e))?;
+            self.mqtt
+                .tls
+                .validate("mqtt.tls")
+                .map_err(|e| at(origin, e))?;
+            if self.mqtt.tls.is_set() && !url.tls {
+                return bad("mqtt.tls", "[mqtt.tls] is set but mqtt.url is not mqtts://");
+            }
+            if self.mqtt.password.is_some() && self.mqtt.password_file.is_some() {
+                return bad(
+                    "mqtt.password_file",
+                    "set mqtt.password or mqtt.password_file, not both",
+                );
+            }
             if self.mqtt.client_id.is_empty() {
                 return bad(
                     "mqtt.client_id",
@@ -425,7 +500,9 @@ impl GatewayConfig {
                     ));
                 }
             }
-            if self.mqtt.password.is_some() && self.mqtt.username.is_none() {
+            if (self.mqtt.password.is_some() || self.mqtt.password_file.is_some())
+                && self.mqtt.username.is_none()
+            {
                 return bad("mqtt.password", "set mqtt.username too");
             }
             if self.mqtt.receive_maximum == 0 {
@@ -476,6 +553,7 @@ impl GatewayConfig {
         if k.max_in_flight == 0 {
             return bad("kafka.max_in_flight", "must be at least 1");
         }
+        validate_kafka_security(origin, k.security())?;
         if !COMPRESSIONS.contains(&k.compression.as_str()) {
             return Err(invalid(
                 origin,
@@ -514,12 +592,23 @@ impl GatewayConfig {
         validate_common(origin, &self.validation, &self.http.listen)
     }
 
+    /// Reads secret files into their values and checks that the PEM files
+    /// can be read (I/O, after `validate`).
+    pub fn resolve_files(&mut self, origin: &Path) -> Result<(), ConfigError> {
+        let m = &mut self.mqtt;
+        if m.enabled {
+            secret::resolve(&mut m.password, &m.password_file, "mqtt.password")
+                .and_then(|()| m.tls.check_files("mqtt.tls"))
+                .map_err(|e| at(origin, e))?;
+        }
+        let k = &mut self.kafka;
+        crate::security::kafka::resolve_files(&mut k.tls, &mut k.sasl, "kafka")
+            .map_err(|e| at(origin, e))
+    }
+
     /// The effective config as TOML, with secrets masked.
     pub fn to_masked_toml(&self) -> String {
         let mut c = self.clone();
-        if c.mqtt.password.is_some() {
-            c.mqtt.password = Some("********".into());
-        }
         mask_properties(&mut c.kafka.properties);
         toml_string(&c)
     }
@@ -699,8 +788,23 @@ pub struct ConsumerConfig {
     pub group_id: String,
     /// Where a group without committed offsets starts: earliest or latest.
     pub auto_offset_reset: String,
+    /// plaintext (default), ssl, sasl_ssl or sasl_plaintext.
+    pub security_protocol: String,
+    pub tls: KafkaTlsConfig,
+    pub sasl: KafkaSaslConfig,
     /// Any librdkafka consumer property, passed through as is.
     pub properties: BTreeMap<String, String>,
+}
+
+impl ConsumerConfig {
+    pub fn security(&self) -> KafkaSecurity<'_> {
+        KafkaSecurity {
+            protocol: &self.security_protocol,
+            tls: &self.tls,
+            sasl: &self.sasl,
+            properties: &self.properties,
+        }
+    }
 }
 
 impl Default for ConsumerConfig {
@@ -710,6 +814,9 @@ impl Default for ConsumerConfig {
             topic: "weather".into(),
             group_id: "weather-aggregator".into(),
             auto_offset_reset: "earliest".into(),
+            security_protocol: "plaintext".into(),
+            tls: KafkaTlsConfig::default(),
+            sasl: KafkaSaslConfig::default(),
             properties: BTreeMap::new(),
         }
     }
@@ -749,8 +856,10 @@ impl Default for AggregatorHttpConfig {
 impl AggregatorConfig {
     /// Loads the file (if any) and `AGGREGATOR__*` variables, then validates.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let cfg: AggregatorConfig = load(path, "AGGREGATOR", &[])?;
-        cfg.validate(path.unwrap_or(Path::new("built-in defaults")))?;
+        let mut cfg: AggregatorConfig = load(path, "AGGREGATOR", &[])?;
+        let origin = path.unwrap_or(Path::new("built-in defaults"));
+        cfg.validate(origin)?;
+        cfg.resolve_files(origin)?;
         Ok(cfg)
     }
 
@@ -769,6 +878,7 @@ impl AggregatorConfig {
         if !["earliest", "latest"].contains(&k.auto_offset_reset.as_str()) {
             return bad("kafka.auto_offset_reset", "must be earliest or latest");
         }
+        validate_kafka_security(origin, k.security())?;
         let a = &self.aggregation;
         if a.window_secs == 0 {
             return bad("aggregation.window_secs", "must be at least 1");
@@ -780,6 +890,13 @@ impl AggregatorConfig {
             return bad("aggregation.offline_after_secs", "must be at least 1");
         }
         validate_common(origin, &self.validation, &self.http.listen)
+    }
+
+    /// Reads secret files and checks PEM files (I/O, after `validate`).
+    pub fn resolve_files(&mut self, origin: &Path) -> Result<(), ConfigError> {
+        let k = &mut self.kafka;
+        crate::security::kafka::resolve_files(&mut k.tls, &mut k.sasl, "kafka")
+            .map_err(|e| at(origin, e))
     }
 
     pub fn to_masked_toml(&self) -> String {
@@ -877,6 +994,53 @@ mod tests {
     }
 
     #[test]
+    fn security_keys_are_read_checked_and_masked() {
+        let pw = file("gw-secret-1\n");
+        let f = file(&format!(
+            "[mqtt]\nurl = \"mqtts://broker\"\nusername = \"gateway\"\npassword_file = {:?}\n\
+             [kafka]\nsecurity_protocol = \"SASL_SSL\"\n[kafka.sasl]\nusername = \"gateway\"\npassword = \"kafka-secret-2\"\n",
+            pw.0.display().to_string()
+        ));
+        let c = GatewayConfig::load(Some(&f.0)).unwrap();
+        assert_eq!(
+            c.mqtt.password.as_ref().map(Secret::expose),
+            Some("gw-secret-1")
+        );
+        let shown = c.to_masked_toml();
+        assert!(
+            !shown.contains("gw-secret-1") && !shown.contains("kafka-secret-2"),
+            "{shown}"
+        );
+        assert!(
+            format!("{c:?}").find("secret-").is_none(),
+            "Debug shows a secret"
+        );
+        let mut rd = rdkafka::config::ClientConfig::new();
+        c.kafka.security().apply(&mut rd);
+        assert_eq!(rd.get("sasl.password"), Some("kafka-secret-2"));
+
+        let f = file("[mqtt]\n[mqtt.tls]\nca_file = \"/x/ca.pem\"\n");
+        let e = GatewayConfig::load(Some(&f.0)).unwrap_err().to_string();
+        assert!(e.contains("mqtt.tls") && e.contains("mqtts://"), "{e}");
+        let f =
+            file("[mqtt]\nurl = \"mqtts://b\"\n[mqtt.tls]\nca_file = \"/nonexistent/ca.pem\"\n");
+        let e = GatewayConfig::load(Some(&f.0)).unwrap_err().to_string();
+        assert!(
+            e.contains("mqtt.tls.ca_file") && e.contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
+        let f = file("[kafka]\nsecurity_protocol = \"sasl_ssl\"\n");
+        let e = GatewayConfig::load(Some(&f.0)).unwrap_err().to_string();
+        assert!(e.contains("kafka.sasl.username"), "{e}");
+        let f = file("[kafka]\nsecurity_protocol = \"tls\"\n");
+        let e = AggregatorConfig::load(Some(&f.0)).unwrap_err().to_string();
+        assert!(
+            e.contains("kafka.security_protocol") && e.contains("sasl_ssl"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn aggregator_partial_validation_keeps_aggregator_defaults() {
         let f = file("[validation]\ntemperature_max = 60.0\n");
         let c = AggregatorConfig::load(Some(&f.0)).unwrap();
@@ -890,18 +1054,29 @@ mod tests {
 
     #[test]
     fn mqtt_urls() {
+        let u = |h: &str, port, tls| MqttUrl {
+            host: h.into(),
+            port,
+            tls,
+        };
         assert_eq!(
             parse_mqtt_url("mqtt://127.0.0.1:1884").unwrap(),
-            ("127.0.0.1".into(), 1884)
+            u("127.0.0.1", 1884, false)
         );
         assert_eq!(
             parse_mqtt_url("tcp://broker").unwrap(),
-            ("broker".into(), 1883)
+            u("broker", 1883, false)
+        );
+        assert_eq!(
+            parse_mqtt_url("mqtts://broker").unwrap(),
+            u("broker", 8883, true)
+        );
+        assert_eq!(
+            parse_mqtt_url("ssl://127.0.0.1:8884/").unwrap(),
+            u("127.0.0.1", 8884, true)
         );
         assert!(parse_mqtt_url("mqtt://h:x").is_err());
-        assert!(parse_mqtt_url("mqtts://h:8883")
-            .unwrap_err()
-            .contains("TLS"));
         assert!(parse_mqtt_url("h:1883").is_err());
+        assert!(parse_mqtt_url("https://h").is_err());
     }
 }

@@ -20,5 +20,6 @@ pub mod fleet;
 pub mod gateway;
 pub mod http;
 pub mod reading;
+pub mod security;
 pub mod shutdown;
 pub mod telemetry;

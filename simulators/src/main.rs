@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod auth;
+
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use iot_gateway::config::parse_mqtt_url;
@@ -79,6 +81,8 @@ struct Cli {
     /// No progress line or summary (errors still go to stderr).
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    auth: auth::AuthArgs,
 }
 
 /// A scenario file: the same settings as the flags.
@@ -102,6 +106,14 @@ struct Scenario {
     time_scale: Option<f64>,
     jitter: Option<f64>,
     topic_prefix: Option<String>,
+    /// TLS and login (same names as the flags, with _ for -).
+    ca_file: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    device_certs: Option<PathBuf>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    device_passwords: Option<PathBuf>,
 }
 
 mod toml_rate {
@@ -131,6 +143,7 @@ struct Settings {
     connections: usize,
     jitter: f64,
     topic_prefix: String,
+    auth: auth::Auth,
 }
 
 fn parse_duration(s: &str) -> Result<Duration> {
@@ -201,7 +214,18 @@ fn settings(cli: Cli) -> Result<Settings> {
         .broker
         .or(sc.broker)
         .unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
-    let (host, port) = parse_mqtt_url(&broker).map_err(|e| anyhow!("{}: {e}", origin("broker")))?;
+    let url = parse_mqtt_url(&broker).map_err(|e| anyhow!("{}: {e}", origin("broker")))?;
+    let (host, port) = (url.host, url.port);
+    let sc_auth = auth::AuthArgs {
+        ca_file: sc.ca_file,
+        cert: sc.cert,
+        key: sc.key,
+        device_certs: sc.device_certs,
+        username: sc.username,
+        password_file: sc.password_file,
+        device_passwords: sc.device_passwords,
+    };
+    let auth = auth::Auth::from_args(cli.auth.or(sc_auth), url.tls)?;
     let devices = cli.devices.or(sc.devices).unwrap_or(10);
     if devices == 0 || devices > 1_000_000 {
         bail!(
@@ -247,7 +271,15 @@ fn settings(cli: Cli) -> Result<Settings> {
         .map(|k| parse_fault(k))
         .collect::<Result<Vec<_>>>()
         .map_err(|e| anyhow!("{}: {e}", origin("fault_kinds")))?;
-    let connections = cli.connections.or(sc.connections).unwrap_or(1);
+    let connections = match cli.connections.or(sc.connections) {
+        // Per-device credentials: the broker must see each device as itself.
+        Some(n) if auth.per_device() && n != devices => bail!(
+            "{}: per-device credentials need one connection per device ({devices})",
+            origin("connections")
+        ),
+        _ if auth.per_device() => devices,
+        n => n.unwrap_or(1),
+    };
     if connections == 0 || connections > devices {
         bail!(
             "{}: {connections} must be between 1 and the number of devices ({devices})",
@@ -294,6 +326,7 @@ fn settings(cli: Cli) -> Result<Settings> {
         connections,
         jitter,
         topic_prefix,
+        auth,
     })
 }
 
@@ -302,6 +335,8 @@ fn settings(cli: Cli) -> Result<Settings> {
 struct Stats {
     sent: AtomicU64,
     acked: AtomicU64,
+    /// MQTT 5 PUBACKs with a failure reason (e.g. NotAuthorized by an ACL).
+    refused: AtomicU64,
     faults: AtomicU64,
 }
 
@@ -349,6 +384,8 @@ impl Conn {
 enum Ev {
     ConnAck,
     PubAck,
+    /// MQTT 5 only: the broker refused the publish (reason code).
+    Refused(String),
     Disconnecting,
     Other,
 }
@@ -372,10 +409,14 @@ impl Loop {
                 })
             }
             Loop::V5(el) => {
-                use rumqttc::v5::{mqttbytes::v5::Packet, Event};
+                use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+                use rumqttc::v5::Event;
                 Ok(match el.poll().await.map_err(|e| e.to_string())? {
                     Event::Incoming(Packet::ConnAck(_)) => Ev::ConnAck,
-                    Event::Incoming(Packet::PubAck(_)) => Ev::PubAck,
+                    Event::Incoming(Packet::PubAck(a)) => match a.reason {
+                        PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ev::PubAck,
+                        r => Ev::Refused(format!("{r:?}")),
+                    },
                     Event::Outgoing(Outgoing::Disconnect) => Ev::Disconnecting,
                     _ => Ev::Other,
                 })
@@ -388,20 +429,30 @@ impl Loop {
 async fn connect(
     s: &Settings,
     index: usize,
+    device: &str,
     stats: Arc<Stats>,
 ) -> Result<(Conn, tokio::task::JoinHandle<()>)> {
     let id = format!("sim-{}-{}-{index}", std::process::id(), s.spec.seed);
+    let (transport, login) = s.auth.for_connection(device)?;
     let (conn, mut el) = if s.v5 {
         let mut o = rumqttc::v5::MqttOptions::new(id, &s.host, s.port);
         o.set_keep_alive(Duration::from_secs(30))
-            .set_max_packet_size(Some(4 << 20));
+            .set_max_packet_size(Some(4 << 20))
+            .set_transport(transport);
+        if let Some((u, p)) = login {
+            o.set_credentials(u, p);
+        }
         let (c, el) = rumqttc::v5::AsyncClient::new(o, 10_000);
         (Conn::V5(c), Loop::V5(Box::new(el)))
     } else {
         let mut o = rumqttc::MqttOptions::new(id, &s.host, s.port);
         o.set_keep_alive(Duration::from_secs(30))
             .set_max_packet_size(4 << 20, 4 << 20)
-            .set_inflight(1000);
+            .set_inflight(1000)
+            .set_transport(transport);
+        if let Some((u, p)) = login {
+            o.set_credentials(u, p);
+        }
         let (c, el) = rumqttc::AsyncClient::new(o, 10_000);
         (Conn::V4(c), Loop::V4(Box::new(el)))
     };
@@ -416,6 +467,12 @@ async fn connect(
                     }
                 }
                 Ok(Ev::PubAck) => {
+                    stats.acked.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Ev::Refused(reason)) => {
+                    if stats.refused.fetch_add(1, Ordering::Relaxed) == 0 {
+                        eprintln!("simulator: connection {index}: the broker refused a publish: {reason} (check its ACL)");
+                    }
                     stats.acked.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(Ev::Disconnecting) => break,
@@ -433,10 +490,21 @@ async fn connect(
     });
     match tokio::time::timeout(Duration::from_secs(10), ready_rx).await {
         Ok(Ok(Ok(()))) => Ok((conn, task)),
-        Ok(Ok(Err(e))) => bail!(
-            "cannot connect to the MQTT broker at {}: {e}\n(is it running? for the local stack: scripts/stack up)",
-            s.broker
-        ),
+        Ok(Ok(Err(e))) => match iot_gateway::security::mqtt::classify(&e) {
+            Some(kind) => bail!(
+                "{}",
+                iot_gateway::security::mqtt::describe(
+                    kind,
+                    &s.broker,
+                    s.auth.user_for(device).as_deref(),
+                    &e
+                )
+            ),
+            None => bail!(
+                "cannot connect to the MQTT broker at {}: {e}\n(is it running? for the local stack: scripts/stack up)",
+                s.broker
+            ),
+        },
         _ => bail!("no answer from the MQTT broker at {} within 10 s", s.broker),
     }
 }
@@ -452,12 +520,12 @@ async fn run(s: Settings, quiet: bool, manifest_path: Option<PathBuf>) -> Result
     let stats = Arc::new(Stats::default());
     let mut conns = Vec::with_capacity(s.connections);
     let mut tasks = Vec::with_capacity(s.connections);
+    let mut fleet = Fleet::new(s.spec.clone());
     for i in 0..s.connections {
-        let (c, t) = connect(&s, i, stats.clone()).await?;
+        let (c, t) = connect(&s, i, fleet.device_id(i), stats.clone()).await?;
         conns.push(c);
         tasks.push(t);
     }
-    let mut fleet = Fleet::new(s.spec.clone());
     let mut manifest = Manifest::new(&s.spec);
     let topics: Vec<String> = (0..fleet.len())
         .map(|d| format!("{}/{}/telemetry", s.topic_prefix, fleet.device_id(d)))
@@ -599,13 +667,17 @@ async fn run(s: Settings, quiet: bool, manifest_path: Option<PathBuf>) -> Result
             if t.faults.is_empty() { String::new() } else { format!("; faults {:?}", t.faults) },
         );
     }
+    let refused = stats.refused.load(Ordering::Relaxed);
+    if refused > 0 {
+        eprintln!("simulator: the broker refused {refused} of {sent} publishes (MQTT 5 reason codes; see above)");
+    }
     if !all_acked {
         eprintln!(
             "simulator: only {} of {sent} QoS 1 publishes were acknowledged by the broker",
             stats.acked.load(Ordering::Relaxed)
         );
     }
-    Ok(all_acked)
+    Ok(all_acked && refused == 0)
 }
 
 async fn progress_loop(stats: Arc<Stats>, started: Instant) {

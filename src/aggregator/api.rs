@@ -17,10 +17,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
     let ready = {
         let s = shared.clone();
         Arc::new(move || {
+            let problem = s.metrics.security.current("kafka");
             if s.metrics.assigned.get() > 0 {
-                Ok(Vec::new())
+                Ok(problem.map(|p| format!("kafka: {p}")).into_iter().collect())
             } else {
-                Err(vec!["no partitions assigned (yet)".to_string()])
+                Err(vec![match problem {
+                    Some(p) => format!("no partitions assigned: {p}"),
+                    None => "no partitions assigned (yet)".to_string(),
+                }])
             }
         })
     };

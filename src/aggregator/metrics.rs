@@ -32,6 +32,8 @@ pub struct AggregatorMetrics {
     lag_partitions: std::sync::Arc<Mutex<Vec<i32>>>,
     pub assigned: IntGauge,
     pub rate: Gauge,
+    /// TLS, login and ACL failures towards Kafka.
+    pub security: crate::security::SecurityStatus,
 }
 
 impl std::fmt::Debug for AggregatorMetrics {
@@ -75,6 +77,7 @@ impl AggregatorMetrics {
         let temp_buckets: Vec<f64> = (-8..=17).map(|i| f64::from(i) * 5.0).collect();
         let hum_buckets: Vec<f64> = (1..=10).map(|i| f64::from(i) * 10.0).collect();
         AggregatorMetrics {
+            security: crate::security::SecurityStatus::new(&r, "aggregator"),
             consumed: reg(
                 &r,
                 IntCounter::new(

@@ -65,11 +65,16 @@ pub enum AggregatorError {
 /// Consumer callbacks: commit and forget state on revoke, note assignments.
 struct RebalanceContext {
     shared: Arc<Shared>,
+    /// The SASL user, for messages.
+    user: Option<String>,
 }
 
 impl ClientContext for RebalanceContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::debug!(%error, reason, "librdkafka");
+        match crate::security::kafka::classify(&error, reason, self.user.as_deref()) {
+            Some((kind, message)) => self.shared.metrics.security.failed("kafka", kind, message),
+            None => tracing::debug!(%error, reason, "librdkafka"),
+        }
     }
 }
 
@@ -100,6 +105,10 @@ impl ConsumerContext for RebalanceContext {
         if let Rebalance::Assign(tpl) = rebalance {
             let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             info!(partitions = ?parts, "partitions assigned");
+            self.shared
+                .metrics
+                .security
+                .cleared("kafka", &crate::security::SecurityKind::ALL);
             let mut a = self.shared.assigned();
             a.extend(parts);
             self.shared.metrics.assigned.set(a.len() as i64);
@@ -136,8 +145,9 @@ pub async fn run(
     ));
 
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.kafka.bootstrap_servers)
-        .set("group.id", &cfg.kafka.group_id)
+    c.set("bootstrap.servers", &cfg.kafka.bootstrap_servers);
+    cfg.kafka.security().apply(&mut c);
+    c.set("group.id", &cfg.kafka.group_id)
         .set("auto.offset.reset", &cfg.kafka.auto_offset_reset)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
@@ -153,6 +163,7 @@ pub async fn run(
     }
     let consumer: Arc<AggConsumer> = Arc::new(c.create_with_context(RebalanceContext {
         shared: shared.clone(),
+        user: cfg.kafka.security().user().map(str::to_string),
     })?);
     consumer.subscribe(&[&cfg.kafka.topic])?;
     info!(topic = %cfg.kafka.topic, group = %cfg.kafka.group_id, "aggregator consuming");
@@ -223,6 +234,7 @@ fn consume_loop(
     stop: &std::sync::atomic::AtomicBool,
 ) {
     const BATCH: usize = 2048;
+    let user = consumer.context().user.as_deref();
     let mut batch: Vec<(i32, i64, Parsed)> = Vec::with_capacity(BATCH);
     let mut stored: HashMap<i32, i64> = HashMap::new();
     // While Kafka is down every poll fails: warn once, then debug until it recovers.
@@ -243,7 +255,14 @@ fn consume_loop(
                 }
                 Some(Err(e)) => {
                     shared.metrics.consume_errors.inc();
-                    if failing {
+                    let security = crate::security::kafka::classify(&e, &e.to_string(), user);
+                    if let Some((kind, message)) = security {
+                        // TLS and login failures come through the client's error
+                        // callback too; authorization ones only here.
+                        if kind == crate::security::SecurityKind::Acl {
+                            shared.metrics.security.failed("kafka", kind, message);
+                        }
+                    } else if failing {
                         tracing::debug!(error = %e, "consume error");
                     } else {
                         warn!(error = %e, "consume error; retrying (repeats are logged at debug level)");

@@ -227,7 +227,11 @@ impl Forwarder {
         why: &str,
         reader: Option<&mut SpoolReader>,
     ) -> Result<(), GatewayError> {
-        let new = Arc::new(kafka::producer(&self.cfg, self.report_tx.clone())?);
+        let new = Arc::new(kafka::producer(
+            &self.cfg,
+            self.report_tx.clone(),
+            self.metrics.security.clone(),
+        )?);
         let old = std::mem::replace(&mut self.producer, new.clone());
         *self.slot.write().unwrap_or_else(|p| p.into_inner()) = new;
         self.generation += 1;
@@ -308,6 +312,9 @@ impl Forwarder {
                 if r.meta.dlq {
                     self.metrics.dead_lettered(r.meta.reason);
                 } else {
+                    self.metrics
+                        .security
+                        .cleared("kafka", &crate::security::SecurityKind::ALL);
                     let ms = chrono::Utc::now().timestamp_millis() - r.meta.received_ms;
                     self.metrics
                         .delivered(Duration::from_millis(ms.max(0) as u64));
@@ -354,6 +361,13 @@ impl Forwarder {
                 self.send(d, 0);
             }
             return;
+        }
+        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::TopicAuthorizationFailed) {
+            self.metrics.security.failed(
+                "kafka",
+                crate::security::SecurityKind::Acl,
+                super::probe::not_authorized_message(&self.cfg, topic),
+            );
         }
         if !matches!(
             e,

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use super::spool::Record;
 use crate::config::{DeliveryMode, KafkaConfig};
+use crate::security::{self, SecurityStatus};
 
 /// Per-record bookkeeping carried through librdkafka as the delivery opaque.
 #[derive(Debug)]
@@ -43,10 +44,20 @@ pub struct Report {
 #[derive(Debug)]
 pub struct ReportContext {
     tx: mpsc::UnboundedSender<Report>,
+    /// Where TLS and login failures are reported (with the SASL user).
+    security: Option<(SecurityStatus, Option<String>)>,
 }
 
 impl ClientContext for ReportContext {
     fn error(&self, error: KafkaError, reason: &str) {
+        if let Some((status, user)) = &self.security {
+            if let Some((kind, message)) =
+                security::kafka::classify(&error, reason, user.as_deref())
+            {
+                status.failed("kafka", kind, message);
+                return;
+            }
+        }
         // Broker connection errors are expected during an outage; /readyz and
         // gateway_kafka_reachable report them, so keep the log readable.
         tracing::debug!(%error, reason, "librdkafka");
@@ -102,15 +113,30 @@ pub fn current(slot: &ProducerSlot) -> Arc<GatewayProducer> {
     slot.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
+/// The servers, the typed security keys and the pass-through security
+/// properties: what every client of ours (producer, admin, probe) starts from.
+/// Producer-only properties are left out (an admin client would refuse them).
+pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.bootstrap_servers);
+    cfg.security().apply(&mut c);
+    for (k, v) in &cfg.properties {
+        if k.starts_with("ssl") || k.starts_with("sasl") || k.starts_with("security") {
+            c.set(k, v);
+        }
+    }
+    c
+}
+
 /// Builds a producer with our defaults, then the pass-through properties; its
-/// delivery reports go to `tx`.
+/// delivery reports go to `tx`, TLS and login failures to `security`.
 pub fn producer(
     cfg: &KafkaConfig,
     tx: mpsc::UnboundedSender<Report>,
+    security: SecurityStatus,
 ) -> Result<GatewayProducer, KafkaError> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.bootstrap_servers)
-        .set("enable.idempotence", "true")
+    let mut c = client_config(cfg);
+    c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("compression.type", &cfg.compression)
         .set("linger.ms", cfg.linger_ms.to_string())
@@ -136,27 +162,25 @@ pub fn producer(
     for (k, v) in &cfg.properties {
         c.set(k, v);
     }
-    c.create_with_context(ReportContext { tx })
+    let user = cfg.security().user().map(str::to_string);
+    c.create_with_context(ReportContext {
+        tx,
+        security: Some((security, user)),
+    })
 }
 
 /// Whether a brand-new client gets cluster metadata (blocking; call from
 /// `spawn_blocking`). Tells a wedged producer client from an unreachable Kafka.
 pub fn fresh_client_reaches(cfg: &KafkaConfig, timeout: Duration) -> bool {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.bootstrap_servers);
-    for (k, v) in &cfg.properties {
-        // Producer-only and debug properties do not matter for a metadata request.
-        if k.starts_with("ssl") || k.starts_with("sasl") || k.starts_with("security") {
-            c.set(k, v);
-        }
-    }
-    let Ok(client) = c.create::<rdkafka::producer::BaseProducer>() else {
+    let Ok(client) = client_config(cfg).create::<rdkafka::producer::BaseProducer>() else {
         return false;
     };
     client.client().fetch_metadata(None, timeout).is_ok()
 }
 
-/// Errors that retrying cannot fix: the record goes to the DLQ instead.
+/// Errors that retrying cannot fix: the record goes to the DLQ instead. A
+/// missing ACL is not one of them: it is fixed on the broker, and the record
+/// waits (spooled or unacknowledged) until then.
 pub fn is_permanent(e: &KafkaError) -> bool {
     use RDKafkaErrorCode as C;
     matches!(
@@ -166,7 +190,6 @@ pub fn is_permanent(e: &KafkaError) -> bool {
                 | C::InvalidMessageSize
                 | C::InvalidMessage
                 | C::InvalidRecord
-                | C::TopicAuthorizationFailed
                 | C::InvalidRequiredAcks
                 | C::InvalidTopic
         )
@@ -176,8 +199,12 @@ pub fn is_permanent(e: &KafkaError) -> bool {
 /// What a metadata request says about a topic.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TopicState {
-    Exists { partitions: usize },
+    Exists {
+        partitions: usize,
+    },
     Missing,
+    /// The broker refuses to describe it to us (ACL).
+    NotAuthorized,
 }
 
 /// Asks the cluster about `topic` (blocking; call from `spawn_blocking`).
@@ -188,6 +215,12 @@ pub fn topic_state<C: ClientContext>(
 ) -> Result<TopicState, KafkaError> {
     let md = client.fetch_metadata(Some(topic), timeout)?;
     match md.topics().iter().find(|t| t.name() == topic) {
+        Some(t)
+            if t.error().map(RDKafkaErrorCode::from)
+                == Some(RDKafkaErrorCode::TopicAuthorizationFailed) =>
+        {
+            Ok(TopicState::NotAuthorized)
+        }
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(TopicState::Exists {
             partitions: t.partitions().len(),
         }),
@@ -197,10 +230,8 @@ pub fn topic_state<C: ClientContext>(
 
 /// Creates topics with the configured partitions and replication.
 pub async fn create_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<(), String> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.bootstrap_servers)
-        .create()
-        .map_err(|e| e.to_string())?;
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(cfg).create().map_err(|e| e.to_string())?;
     let new: Vec<NewTopic> = topics
         .iter()
         .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(cfg.replication_factor)))

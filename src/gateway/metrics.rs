@@ -36,6 +36,8 @@ pub struct GatewayMetrics {
     ready: IntGauge,
     producer_recreated: IntCounter,
     spool: SpoolMetrics,
+    /// TLS, login and ACL failures towards MQTT and Kafka.
+    pub security: crate::security::SecurityStatus,
 }
 
 /// The spool's series (all `gateway_spool_*`).
@@ -219,6 +221,7 @@ impl GatewayMetrics {
             ),
         };
         GatewayMetrics {
+            security: crate::security::SecurityStatus::new(&r, "gateway"),
             producer_recreated: counter(
                 &r,
                 "gateway_kafka_producer_recreated_total",
@@ -309,15 +312,22 @@ impl GatewayMetrics {
     ) -> Result<Vec<String>, Vec<String>> {
         let mut why = Vec::new();
         let mut notes = Vec::new();
-        if self.kafka_reachable.get() != 1 {
+        let kafka_problem = self.security.current("kafka");
+        if self.kafka_reachable.get() != 1 || kafka_problem.is_some() {
+            let what = kafka_problem.unwrap_or_else(|| "unreachable".into());
             if spool_enabled {
-                notes.push("kafka: unreachable; spooling to disk".to_string());
+                notes.push(format!("kafka: {what}; spooling to disk"));
             } else {
-                why.push("Kafka not reachable".to_string());
+                why.push(format!("Kafka not reachable: {what}"));
             }
         }
         if mqtt_enabled && self.mqtt_connected.get() != 1 {
-            why.push("MQTT not connected".to_string());
+            match self.security.current("mqtt") {
+                Some(e) => why.push(format!("MQTT not connected: {e}")),
+                None => why.push("MQTT not connected".to_string()),
+            }
+        } else if let Some(e) = self.security.current("mqtt") {
+            why.push(format!("mqtt: {e}"));
         }
         if self.spool.full.get() == 1 {
             why.push("spool full: readings are not acknowledged".to_string());

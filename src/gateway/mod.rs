@@ -146,6 +146,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     let slot: kafka::ProducerSlot = Arc::new(std::sync::RwLock::new(Arc::new(kafka::producer(
         &cfg.kafka,
         report_tx.clone(),
+        metrics.security.clone(),
     )?)));
     let producer = kafka::current(&slot);
     // MQTT first: the broker starts keeping our messages as soon as we are

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::metrics::GatewayMetrics;
 use super::{Incoming, SourceEvent};
 use crate::config::{parse_mqtt_url, MqttConfig, MqttVersion};
+use crate::security::SecurityKind;
 
 /// What the event loop reported, the same for both protocol versions.
 enum Polled {
@@ -190,7 +191,20 @@ pub fn start(
     cfg: &MqttConfig,
     metrics: GatewayMetrics,
 ) -> Result<(MqttSource, mpsc::UnboundedReceiver<SourceEvent>), String> {
-    let (host, port) = parse_mqtt_url(&cfg.url)?;
+    let url = parse_mqtt_url(&cfg.url)?;
+    let (host, port) = (url.host, url.port);
+    let transport = if url.tls {
+        rumqttc::Transport::Tls(rumqttc::TlsConfiguration::NativeConnector(
+            cfg.tls.connector()?,
+        ))
+    } else {
+        rumqttc::Transport::Tcp
+    };
+    let password = cfg
+        .password
+        .as_ref()
+        .map(|p| p.expose().to_string())
+        .unwrap_or_default();
     let keep_alive = Duration::from_secs(cfg.keep_alive_secs.max(5));
     // Request channel: acks for a whole broker in-flight window fit without waiting.
     let cap = usize::from(cfg.receive_maximum).max(1000) * 2;
@@ -200,9 +214,10 @@ pub fn start(
             o.set_keep_alive(keep_alive)
                 .set_clean_session(cfg.clean_session)
                 .set_manual_acks(true)
-                .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes);
+                .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes)
+                .set_transport(transport);
             if let Some(u) = &cfg.username {
-                o.set_credentials(u, cfg.password.clone().unwrap_or_default());
+                o.set_credentials(u, password);
             }
             let (c, el) = rumqttc::AsyncClient::new(o, cap);
             (Acker::V311(c), Loop::V311(Box::new(el)))
@@ -214,9 +229,10 @@ pub fn start(
                 .set_manual_acks(true)
                 .set_session_expiry_interval(Some(cfg.session_expiry_secs))
                 .set_receive_maximum(Some(cfg.receive_maximum))
-                .set_max_packet_size(Some(cfg.max_packet_bytes as u32));
+                .set_max_packet_size(Some(cfg.max_packet_bytes as u32))
+                .set_transport(transport);
             if let Some(u) = &cfg.username {
-                o.set_credentials(u, cfg.password.clone().unwrap_or_default());
+                o.set_credentials(u, password);
             }
             let (c, el) = v5::AsyncClient::new(o, cap);
             (Acker::V5(c), Loop::V5(Box::new(el)))
@@ -255,6 +271,7 @@ async fn event_loop(
                 backoff = min;
                 subacks = 0;
                 tracing::info!(url = %cfg.url, session_present, "MQTT connected; subscribing");
+                metrics.security.cleared("mqtt", &SecurityKind::CONNECTION);
                 // A new connection: the broker redelivers whatever was not acked.
                 let _ = tx.send(SourceEvent::Connected);
                 acker.subscribe_all(&cfg.topics);
@@ -265,12 +282,22 @@ async fn event_loop(
                 }
             }
             Ok(Polled::SubAck { refused }) if refused > 0 => {
-                tracing::error!(topics = ?cfg.topics, refused, "the broker refused a subscription (check its ACL)");
+                metrics.security.failed(
+                    "mqtt",
+                    SecurityKind::Acl,
+                    format!(
+                        "{} refused {refused} of the subscriptions {:?} for user {} (check the broker's ACL)",
+                        cfg.url,
+                        cfg.topics,
+                        cfg.username.as_deref().unwrap_or("(none)")
+                    ),
+                );
             }
             Ok(Polled::SubAck { .. }) => {
                 subacks += 1;
                 // Ready only once every filter is subscribed.
                 if subacks == cfg.topics.len() {
+                    metrics.security.cleared("mqtt", &SecurityKind::ALL);
                     metrics.mqtt_up(&cfg.url);
                 }
             }
@@ -280,7 +307,15 @@ async fn event_loop(
                 if stop.is_cancelled() {
                     break;
                 }
-                metrics.mqtt_down(&cfg.url, &e, connected);
+                match crate::security::mqtt::classify(&e) {
+                    Some(kind) => {
+                        let user = cfg.username.as_deref();
+                        let why = crate::security::mqtt::describe(kind, &cfg.url, user, &e);
+                        metrics.security.failed("mqtt", kind, why);
+                        metrics.mqtt_connected.set(0);
+                    }
+                    None => metrics.mqtt_down(&cfg.url, &e, connected),
+                }
                 connected = false;
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}

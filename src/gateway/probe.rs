@@ -18,6 +18,7 @@ use super::kafka::{self, GatewayProducer, TopicState};
 use super::metrics::GatewayMetrics;
 use super::GatewayError;
 use crate::config::GatewayConfig;
+use crate::security::SecurityKind;
 
 /// At start-up: a reachable Kafka without the topic is fatal (or the topic is
 /// created); an unreachable Kafka is not (readiness says so, and the probe
@@ -38,14 +39,20 @@ pub async fn check_topics(
     loop {
         looks += 1;
         match topics_state(cfg, producer.clone(), Duration::from_secs(5)).await {
-            Ok(None) => {
+            Ok(Topics::Ready) => {
                 metrics.kafka_reachable.set(1);
                 return Ok(());
             }
-            Ok(Some(_)) if looks < MISSING_LOOKS => {
+            Ok(Topics::Denied(topic)) => {
+                // Fixable on the broker while we run: the readings wait.
+                metrics.kafka_reachable.set(1);
+                not_authorized(cfg, metrics, &topic);
+                return Ok(());
+            }
+            Ok(Topics::Missing(_)) if looks < MISSING_LOOKS => {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            Ok(Some(topic)) => {
+            Ok(Topics::Missing(topic)) => {
                 return Err(GatewayError::MissingTopic {
                     topic,
                     servers: cfg.kafka.bootstrap_servers.clone(),
@@ -71,26 +78,51 @@ async fn create_topics(cfg: &GatewayConfig) -> Result<(), String> {
     kafka::create_topics(&cfg.kafka, &topics).await
 }
 
-/// `Ok(None)`: all topics exist; `Ok(Some(t))`: `t` is missing.
+/// What the cluster says about our topics.
+#[derive(Debug, PartialEq, Eq)]
+enum Topics {
+    Ready,
+    Missing(String),
+    /// Our principal may not describe it (a missing ACL).
+    Denied(String),
+}
+
 async fn topics_state(
     cfg: &GatewayConfig,
     producer: Arc<GatewayProducer>,
     timeout: Duration,
-) -> Result<Option<String>, KafkaError> {
+) -> Result<Topics, KafkaError> {
     let mut topics = vec![cfg.kafka.topic.clone()];
     if cfg.kafka.dlq_enabled {
         topics.push(cfg.kafka.dlq_topic.clone());
     }
     tokio::task::spawn_blocking(move || {
         for t in topics {
-            if kafka::topic_state(producer.client(), &t, timeout)? == TopicState::Missing {
-                return Ok(Some(t));
+            match kafka::topic_state(producer.client(), &t, timeout)? {
+                TopicState::Missing => return Ok(Topics::Missing(t)),
+                TopicState::NotAuthorized => return Ok(Topics::Denied(t)),
+                TopicState::Exists { .. } => {}
             }
         }
-        Ok(None)
+        Ok(Topics::Ready)
     })
     .await
     .unwrap_or(Err(KafkaError::Canceled))
+}
+
+fn not_authorized(cfg: &GatewayConfig, metrics: &GatewayMetrics, topic: &str) {
+    metrics.security.failed(
+        "kafka",
+        SecurityKind::Acl,
+        not_authorized_message(&cfg.kafka, topic),
+    );
+}
+
+/// One text for a denied describe (probe) and a denied write (forwarder), so a
+/// repeat is recognised and not logged again.
+pub fn not_authorized_message(cfg: &crate::config::KafkaConfig, topic: &str) -> String {
+    let user = cfg.security().user().unwrap_or("(none)").to_string();
+    format!("Kafka: user {user} is not authorized for topic {topic} (it needs Write and Describe); the readings wait")
 }
 
 /// When to call a producer wedged (pure; the probe feeds it).
@@ -180,14 +212,25 @@ pub async fn probe_kafka(
             wedge.reachable();
         }
         match state {
-            Ok(None) => {
+            Ok(Topics::Ready) => {
                 missing_probes = 0;
                 if !was {
                     info!(servers = %cfg.kafka.bootstrap_servers, "Kafka reachable");
                 }
                 metrics.kafka_reachable.set(1);
+                // An ACL problem with readings waiting is cleared by their
+                // delivery (the forwarder): describing a topic is not writing it.
+                let waiting = metrics.in_flight.get() > 0;
+                metrics
+                    .security
+                    .cleared_if("kafka", |kind, _| kind != SecurityKind::Acl || !waiting);
             }
-            Ok(Some(topic)) if missing_probes < 3 => {
+            Ok(Topics::Denied(topic)) => {
+                missing_probes = 0;
+                metrics.kafka_reachable.set(1);
+                not_authorized(&cfg, &metrics, &topic);
+            }
+            Ok(Topics::Missing(topic)) if missing_probes < 3 => {
                 missing_probes += 1;
                 if cfg.kafka.create_topics {
                     if let Err(e) = create_topics(&cfg).await {
@@ -197,7 +240,7 @@ pub async fn probe_kafka(
                     warn!(topic = %topic, "topic not found (yet) on a reachable Kafka");
                 }
             }
-            Ok(Some(topic)) => {
+            Ok(Topics::Missing(topic)) => {
                 let _ = fatal
                     .send(GatewayError::MissingTopic {
                         topic,

@@ -1,0 +1,140 @@
+//! The last TLS, login or authorization failure per peer: logged at error level,
+//! counted in `<prefix>_security_errors_total{peer,kind}`, and shown by
+//! `/readyz` until a later success clears it. Clients keep retrying with
+//! backoff (credentials and ACLs can be fixed while we run).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus::{IntCounterVec, Opts, Registry};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecurityKind {
+    /// Handshake: unknown CA, expired or missing certificate, wrong host name.
+    Tls,
+    /// Login refused: wrong password, unknown user, bad SASL mechanism.
+    Auth,
+    /// Logged in, but not allowed (Kafka ACL, MQTT ACL on subscribe).
+    Acl,
+}
+
+impl SecurityKind {
+    pub const ALL: [SecurityKind; 3] = [SecurityKind::Tls, SecurityKind::Auth, SecurityKind::Acl];
+    /// What a successful connection proves fixed.
+    pub const CONNECTION: [SecurityKind; 2] = [SecurityKind::Tls, SecurityKind::Auth];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            SecurityKind::Tls => "tls",
+            SecurityKind::Auth => "auth",
+            SecurityKind::Acl => "acl",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SecurityStatus {
+    errors: IntCounterVec,
+    /// Per peer: the current failure and when it was last logged.
+    last: Arc<Mutex<BTreeMap<&'static str, Failure>>>,
+    /// Whether any failure is current (a lock-free check on hot paths).
+    active: Arc<AtomicBool>,
+}
+
+#[derive(Debug)]
+struct Failure {
+    kind: SecurityKind,
+    message: String,
+    logged: Instant,
+}
+
+/// The same failure is logged again at most this often (it is counted always).
+const RELOG: Duration = Duration::from_secs(30);
+
+impl SecurityStatus {
+    /// Registers `<prefix>_security_errors_total`.
+    pub fn new(registry: &Registry, prefix: &str) -> Self {
+        let errors = IntCounterVec::new(
+            Opts::new(
+                format!("{prefix}_security_errors_total"),
+                "TLS handshake, login and authorization failures, by peer (mqtt, kafka) and kind (tls, auth, acl)",
+            ),
+            &["peer", "kind"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(errors.clone()))
+            .expect("unique metric");
+        SecurityStatus {
+            errors,
+            last: Arc::default(),
+            active: Arc::default(),
+        }
+    }
+
+    fn last(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, Failure>> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a failure: counted always, logged at error level (a repeat of
+    /// the current failure at most every 30 s).
+    pub fn failed(&self, peer: &'static str, kind: SecurityKind, message: String) {
+        self.errors.with_label_values(&[peer, kind.label()]).inc();
+        let now = Instant::now();
+        let mut last = self.last();
+        let repeat = last
+            .get(peer)
+            .is_some_and(|f| f.message == message && now.duration_since(f.logged) < RELOG);
+        if !repeat {
+            tracing::error!(
+                peer,
+                kind = kind.label(),
+                "{message}; retrying with backoff"
+            );
+            last.insert(
+                peer,
+                Failure {
+                    kind,
+                    message,
+                    logged: now,
+                },
+            );
+            self.active.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// A success on `peer` that proves `kinds` of failure fixed: logged once,
+    /// and `/readyz` forgets it.
+    pub fn cleared(&self, peer: &'static str, kinds: &[SecurityKind]) {
+        self.cleared_if(peer, |kind, _| kinds.contains(&kind));
+    }
+
+    /// Clears the current failure of `peer` if `fixed(kind, message)`.
+    pub fn cleared_if(&self, peer: &'static str, fixed: impl Fn(SecurityKind, &str) -> bool) {
+        if !self.active.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut last = self.last();
+        if last.get(peer).is_some_and(|f| fixed(f.kind, &f.message)) {
+            if let Some(f) = last.remove(peer) {
+                tracing::info!(peer, "{peer}: resolved (was: {})", f.message);
+            }
+        }
+        self.active.store(!last.is_empty(), Ordering::Relaxed);
+    }
+
+    /// The failure `/readyz` shows for `peer`, if one is current.
+    pub fn current(&self, peer: &'static str) -> Option<String> {
+        if !self.active.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.last().get(peer).map(|f| f.message.clone())
+    }
+
+    /// How many failures of `kind` on `peer` were counted (tests).
+    pub fn count(&self, peer: &str, kind: SecurityKind) -> u64 {
+        self.errors.with_label_values(&[peer, kind.label()]).get()
+    }
+}
