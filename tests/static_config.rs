@@ -54,6 +54,31 @@ fn docker_compose_config_passes() {
              (scripts/test installs it when run as root)."
         );
     }
+    // The secured override on top of it.
+    let files = [
+        "-f",
+        "docker-compose.yml",
+        "-f",
+        "docker-compose.secure.yml",
+        "--profile",
+        "simulator",
+        "config",
+        "--quiet",
+    ];
+    let result = if v2 {
+        let mut args = vec!["compose"];
+        args.extend(files);
+        run("docker", &args)
+    } else {
+        run("docker-compose", &files)
+    };
+    if let Err(e) = result {
+        panic!("docker-compose.secure.yml: {e}");
+    }
+    let text = std::fs::read_to_string(root().join("docker-compose.secure.yml")).expect("read");
+    for f in ["configs/mosquitto-secure.conf", "configs/mosquitto.acl"] {
+        assert!(text.contains(f) && root().join(f).exists(), "{f}");
+    }
 }
 
 #[test]
