@@ -888,3 +888,117 @@ fn check_config_masks_every_secret() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_over_mutual_tls_and_a_wrong_kafka_ca() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let r = Run::new("secure-kafka-tls");
+    r.topics().await;
+    r.sec.grant(&r.topic, &r.dlq, &r.name);
+    let (other_ca, _, _) = bad_certificates(&r.sec, &r.dir);
+    let http = format!("127.0.0.1:{}", common::free_port());
+
+    // A wrong CA for Kafka: a TLS error naming the cause; the reading waits on disk.
+    let gw = r.gateway(
+        "gateway-wrong-kafka-ca",
+        &http,
+        &[("GATEWAY__KAFKA__TLS__CA_FILE", path(&other_ca))],
+    );
+    until("Kafka TLS failure counted", &gw, 30, || {
+        metric(
+            &http,
+            "gateway_security_errors_total",
+            &[("peer", "kafka"), ("kind", "tls")],
+        ) >= 1.0
+    })
+    .await;
+    until("MQTT subscribed", &gw, 30, || {
+        metric(&http, "gateway_mqtt_connected", &[]) == 1.0
+    })
+    .await;
+    let (code, body) = readyz(&http);
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("Kafka TLS failed") && body.contains("certificate verify failed"),
+        "/readyz: {body}"
+    );
+    let p1 = std::fs::read_to_string(r.sec.dir.join("secrets/device-passwords"))
+        .expect("device passwords");
+    let p1 = p1
+        .lines()
+        .find_map(|l| l.strip_prefix("sensor-0001:"))
+        .expect("sensor-0001")
+        .to_string();
+    let reason = publish_as(
+        &r.sec,
+        "sensor-0001",
+        &p1,
+        "sensors/sensor-0001/telemetry",
+        true,
+    )
+    .await;
+    assert!(reason == "Success", "{reason}");
+    until("spooled", &gw, 20, || {
+        metric(
+            &http,
+            "gateway_readings_received_total",
+            &[("source", "mqtt")],
+        ) == 1.0
+    })
+    .await;
+    drop(gw);
+
+    // Mutual TLS to Kafka (CN=gateway is the principal, no password): it arrives.
+    let gw = r.gateway(
+        "gateway-kafka-mtls",
+        &http,
+        &[
+            (
+                "GATEWAY__KAFKA__BOOTSTRAP_SERVERS",
+                r.sec.kafka_mtls.clone(),
+            ),
+            ("GATEWAY__KAFKA__SECURITY_PROTOCOL", "ssl".into()),
+            (
+                "GATEWAY__KAFKA__TLS__CERT_FILE",
+                path(&r.sec.pki("gateway.crt")),
+            ),
+            (
+                "GATEWAY__KAFKA__TLS__KEY_FILE",
+                path(&r.sec.pki("gateway.key")),
+            ),
+            ("GATEWAY__KAFKA__SASL__USERNAME", String::new()),
+            ("GATEWAY__KAFKA__SASL__PASSWORD_FILE", String::new()),
+        ],
+    );
+    let records = r
+        .sec
+        .consume(&r.topic, 1, Duration::from_secs(30), Duration::from_secs(2))
+        .await;
+    assert_eq!(records.len(), 1, "log:\n{}", gw.log_text());
+    drop(gw);
+
+    // The same listener without a client certificate: refused, and said so.
+    let gw = r.gateway(
+        "gateway-kafka-no-cert",
+        &http,
+        &[
+            (
+                "GATEWAY__KAFKA__BOOTSTRAP_SERVERS",
+                r.sec.kafka_mtls.clone(),
+            ),
+            ("GATEWAY__KAFKA__SECURITY_PROTOCOL", "ssl".into()),
+            ("GATEWAY__KAFKA__SASL__USERNAME", String::new()),
+            ("GATEWAY__KAFKA__SASL__PASSWORD_FILE", String::new()),
+        ],
+    );
+    until("refused without a certificate", &gw, 30, || {
+        metric(
+            &http,
+            "gateway_security_errors_total",
+            &[("peer", "kafka"), ("kind", "tls")],
+        ) >= 1.0
+    })
+    .await;
+    drop(gw);
+    r.assert_no_secret_anywhere(&[]);
+}

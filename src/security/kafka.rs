@@ -262,8 +262,15 @@ pub fn classify(
     if matches!(code, Some(C::SSL))
         || r.contains("ssl handshake")
         || r.contains("certificate verify")
+        || (r.contains("alert") && r.contains("certificate"))
     {
-        let hint = if r.contains("verify") {
+        let hint = if r.contains("certificate required") {
+            " (the broker requires a client certificate: set kafka.tls.cert_file and key_file)"
+        } else if r.contains("certificate expired") {
+            " (the broker refused our client certificate: it has expired)"
+        } else if r.contains("bad certificate") || r.contains("unknown ca") {
+            " (the broker refused our client certificate, or requires one: check kafka.tls.cert_file and key_file)"
+        } else if r.contains("verify") {
             " (the broker's certificate is not signed by kafka.tls.ca_file, has expired, or does not name the host)"
         } else {
             ""

@@ -81,7 +81,9 @@ impl SecurityStatus {
     /// Records a failure: counted always, logged at error level (a repeat of
     /// the current failure at most every 30 s).
     pub fn failed(&self, peer: &'static str, kind: SecurityKind, message: String) {
-        self.errors.with_label_values(&[peer, kind.label()]).inc();
+        // The reason is in place before the count shows, so whoever sees the
+        // count also finds the reason on /readyz.
+        let counter = self.errors.with_label_values(&[peer, kind.label()]);
         let now = Instant::now();
         let mut last = self.last();
         let repeat = last
@@ -103,6 +105,8 @@ impl SecurityStatus {
             );
             self.active.store(true, Ordering::Relaxed);
         }
+        drop(last);
+        counter.inc();
     }
 
     /// A success on `peer` that proves `kinds` of failure fixed: logged once,

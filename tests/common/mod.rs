@@ -557,6 +557,8 @@ pub fn workspace_bin(name: &str) -> std::path::PathBuf {
 pub struct Secure {
     pub dir: std::path::PathBuf,
     pub kafka: String,
+    /// The listener that takes a client certificate instead of a password.
+    pub kafka_mtls: String,
     pub mqtt_tls: String,
     pub mqtt_mtls: String,
 }
@@ -570,6 +572,7 @@ impl Secure {
             .unwrap_or_else(|_| repo_root().join(".stack/secure"));
         let s = Secure {
             kafka: env("SECURE_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9094"),
+            kafka_mtls: env("SECURE_KAFKA_MTLS_BOOTSTRAP_SERVERS", "127.0.0.1:9096"),
             mqtt_tls: env("SECURE_MQTT_BROKER", "mqtts://127.0.0.1:8883"),
             mqtt_mtls: env("SECURE_MQTT_MTLS_BROKER", "mqtts://127.0.0.1:8884"),
             dir,
@@ -586,6 +589,7 @@ impl Secure {
         }
         for (name, addr) in [
             ("Kafka SASL_SSL", s.kafka.clone()),
+            ("Kafka mutual TLS", s.kafka_mtls.clone()),
             ("Mosquitto TLS", s.host_port(&s.mqtt_tls)),
             ("Mosquitto mutual TLS", s.host_port(&s.mqtt_mtls)),
         ] {
