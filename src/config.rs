@@ -72,6 +72,25 @@ fn describe_config_error(e: &config::ConfigError, prefix: &str) -> String {
     }
 }
 
+/// `kafka.sasl.username`, `kafka.sasl.password`, `kafka.tls.key_password`
+/// from the environment, verbatim.
+fn kafka_credentials_from_env(
+    prefix: &str,
+    tls: &mut KafkaTlsConfig,
+    sasl: &mut KafkaSaslConfig,
+    get: &dyn Fn(&str) -> Option<String>,
+) {
+    if let Some(v) = secret::raw_env(prefix, "kafka.sasl.username", get) {
+        sasl.username = Some(v);
+    }
+    if let Some(v) = secret::raw_env(prefix, "kafka.sasl.password", get) {
+        sasl.password = Some(Secret::new(v));
+    }
+    if let Some(v) = secret::raw_env(prefix, "kafka.tls.key_password", get) {
+        tls.key_password = Some(Secret::new(v));
+    }
+}
+
 /// An error whose message already names the key.
 fn at(origin: &Path, message: String) -> ConfigError {
     ConfigError {
@@ -248,6 +267,7 @@ pub struct MqttConfig {
     pub url: String,
     /// Fixed id: the broker keeps the session (and unacked messages) under it.
     pub client_id: String,
+    #[serde(deserialize_with = "secret::lenient_opt_string")]
     pub username: Option<String>,
     /// The password (or `password_file`, or `GATEWAY__MQTT__PASSWORD`); never logged.
     pub password: Option<Secret>,
@@ -458,6 +478,7 @@ impl GatewayConfig {
     /// Loads the file (if any) and `GATEWAY__*` variables, then validates.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let mut cfg: GatewayConfig = load(path, "GATEWAY", &["mqtt.topics"])?;
+        cfg.credentials_from_env(&|k| std::env::var(k).ok());
         let origin = path.unwrap_or(Path::new("built-in defaults"));
         cfg.validate(origin)?;
         cfg.resolve_files(origin)?;
@@ -592,6 +613,19 @@ impl GatewayConfig {
         validate_common(origin, &self.validation, &self.http.listen)
     }
 
+    /// User names and passwords from the environment, verbatim (`0123` stays
+    /// `0123`; the environment layer would have made it a number).
+    pub fn credentials_from_env(&mut self, get: &dyn Fn(&str) -> Option<String>) {
+        if let Some(v) = secret::raw_env("GATEWAY", "mqtt.username", get) {
+            self.mqtt.username = Some(v);
+        }
+        if let Some(v) = secret::raw_env("GATEWAY", "mqtt.password", get) {
+            self.mqtt.password = Some(Secret::new(v));
+        }
+        let k = &mut self.kafka;
+        kafka_credentials_from_env("GATEWAY", &mut k.tls, &mut k.sasl, get);
+    }
+
     /// Reads secret files into their values and checks that the PEM files
     /// can be read (I/O, after `validate`).
     pub fn resolve_files(&mut self, origin: &Path) -> Result<(), ConfigError> {
@@ -600,6 +634,12 @@ impl GatewayConfig {
             secret::resolve(&mut m.password, &m.password_file, "mqtt.password")
                 .and_then(|()| m.tls.check_files("mqtt.tls"))
                 .map_err(|e| at(origin, e))?;
+            // The files parse into a TLS setup (the same call the client makes).
+            if parse_mqtt_url(&m.url).is_ok_and(|u| u.tls) {
+                m.tls
+                    .connector()
+                    .map_err(|e| invalid(origin, "mqtt.tls", e))?;
+            }
         }
         let k = &mut self.kafka;
         crate::security::kafka::resolve_files(&mut k.tls, &mut k.sasl, "kafka")
@@ -857,6 +897,10 @@ impl AggregatorConfig {
     /// Loads the file (if any) and `AGGREGATOR__*` variables, then validates.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let mut cfg: AggregatorConfig = load(path, "AGGREGATOR", &[])?;
+        let k = &mut cfg.kafka;
+        kafka_credentials_from_env("AGGREGATOR", &mut k.tls, &mut k.sasl, &|k| {
+            std::env::var(k).ok()
+        });
         let origin = path.unwrap_or(Path::new("built-in defaults"));
         cfg.validate(origin)?;
         cfg.resolve_files(origin)?;
@@ -1038,6 +1082,36 @@ mod tests {
             e.contains("kafka.security_protocol") && e.contains("sasl_ssl"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn credentials_from_the_environment_are_verbatim() {
+        let mut c = GatewayConfig::default();
+        let env = |k: &str| match k {
+            "GATEWAY__MQTT__PASSWORD" => Some("0123".to_string()),
+            "GATEWAY__KAFKA__SASL__USERNAME" => Some("007".to_string()),
+            _ => None,
+        };
+        c.credentials_from_env(&env);
+        assert_eq!(c.mqtt.password.as_ref().map(Secret::expose), Some("0123"));
+        assert_eq!(c.kafka.sasl.username.as_deref(), Some("007"));
+    }
+
+    #[test]
+    fn unreadable_pem_files_name_the_key() {
+        let junk = file("not a certificate\n");
+        let f = file(&format!(
+            "[mqtt]\nurl = \"mqtts://b\"\n[mqtt.tls]\nca_file = {:?}\n",
+            junk.0.display().to_string()
+        ));
+        let e = GatewayConfig::load(Some(&f.0)).unwrap_err().to_string();
+        assert!(e.contains("mqtt.tls") && e.contains("CA file"), "{e}");
+        let f = file(&format!(
+            "[kafka]\nsecurity_protocol = \"ssl\"\n[kafka.tls]\nca_file = {:?}\n",
+            junk.0.display().to_string()
+        ));
+        let e = AggregatorConfig::load(Some(&f.0)).unwrap_err().to_string();
+        assert!(e.contains("kafka.tls.ca_file") && e.contains("PEM"), "{e}");
     }
 
     #[test]

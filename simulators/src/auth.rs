@@ -128,9 +128,20 @@ impl Auth {
             Some(base) => {
                 let mut t = base.clone();
                 if let Some(dir) = &self.device_certs {
-                    t.cert_file = Some(dir.join(format!("{device}.crt")));
-                    t.key_file = Some(dir.join(format!("{device}.key")));
-                    t.check_files("--device-certs").map_err(|e| anyhow!(e))?;
+                    let (crt, key) = (
+                        dir.join(format!("{device}.crt")),
+                        dir.join(format!("{device}.key")),
+                    );
+                    for f in [&crt, &key] {
+                        if let Err(e) = std::fs::File::open(f) {
+                            bail!(
+                                "--device-certs: no certificate for device {device}: {}: {e}",
+                                f.display()
+                            );
+                        }
+                    }
+                    t.cert_file = Some(crt);
+                    t.key_file = Some(key);
                 }
                 let c = t.connector().map_err(|e| anyhow!(e))?;
                 rumqttc::Transport::Tls(rumqttc::TlsConfiguration::NativeConnector(c))

@@ -36,6 +36,7 @@ pub struct KafkaTlsConfig {
 pub struct KafkaSaslConfig {
     /// SCRAM-SHA-512 (default), SCRAM-SHA-256 or PLAIN.
     pub mechanism: String,
+    #[serde(deserialize_with = "secret::lenient_opt_string")]
     pub username: Option<String>,
     /// The password (or `password_file`, or the environment variable).
     pub password: Option<Secret>,
@@ -231,7 +232,47 @@ pub fn resolve_files(
     )?;
     secret::check_readable(&tls.ca_file, &format!("{prefix}.tls.ca_file"))?;
     secret::check_readable(&tls.cert_file, &format!("{prefix}.tls.cert_file"))?;
-    secret::check_readable(&tls.key_file, &format!("{prefix}.tls.key_file"))
+    secret::check_readable(&tls.key_file, &format!("{prefix}.tls.key_file"))?;
+    check_pem(tls, prefix)
+}
+
+/// The PEM files parse (and an encrypted key opens with its password), so a
+/// wrong file is a configuration error rather than a client that never connects.
+fn check_pem(tls: &KafkaTlsConfig, prefix: &str) -> Result<(), String> {
+    let bad = |key: &str, p: &PathBuf, why: String| {
+        format!(
+            "invalid value for `{prefix}.tls.{key}`: {}: {why}",
+            p.display()
+        )
+    };
+    for (key, file) in [("ca_file", &tls.ca_file), ("cert_file", &tls.cert_file)] {
+        if let Some(p) = file {
+            let pem = std::fs::read(p).map_err(|e| bad(key, p, e.to_string()))?;
+            match openssl::x509::X509::stack_from_pem(&pem) {
+                Ok(certs) if !certs.is_empty() => {}
+                Ok(_) => return Err(bad(key, p, "no PEM certificate in it".into())),
+                Err(e) => return Err(bad(key, p, format!("not PEM certificates ({e})"))),
+            }
+        }
+    }
+    if let Some(p) = &tls.key_file {
+        let pem = std::fs::read(p).map_err(|e| bad("key_file", p, e.to_string()))?;
+        let parsed = match &tls.key_password {
+            Some(pw) => {
+                openssl::pkey::PKey::private_key_from_pem_passphrase(&pem, pw.expose().as_bytes())
+            }
+            None => openssl::pkey::PKey::private_key_from_pem(&pem),
+        };
+        parsed.map_err(|_| {
+            bad(
+                "key_file",
+                p,
+                "not a PEM private key, or encrypted and tls.key_password is wrong or missing"
+                    .into(),
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// Whether a librdkafka error (from the client's error callback) is a TLS,

@@ -7,9 +7,59 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize, Serializer};
 
 /// A password or passphrase. Only [`Secret::expose`] shows it.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        lenient_string(d).map(Secret)
+    }
+}
+
+/// A string, also when the environment layer parsed it as a number or a bool
+/// (`GATEWAY__MQTT__PASSWORD=1234`). The exact text is restored from the
+/// environment afterwards ([`raw_env`]): `0123` would otherwise read `123`.
+pub fn lenient_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// [`lenient_string`] for optional fields (user names).
+pub fn lenient_opt_string<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    lenient_string(d).map(Some)
+}
+
+/// The exact text of `PREFIX__A__B` for key `a.b`, if set: credentials must not
+/// go through the environment layer's number parsing.
+pub fn raw_env(prefix: &str, key: &str, get: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    get(&format!(
+        "{prefix}__{}",
+        key.replace('.', "__").to_uppercase()
+    ))
+}
 
 pub const MASK: &str = "********";
 
@@ -90,6 +140,24 @@ mod tests {
         assert_eq!(format!("{s:?}"), MASK);
         assert_eq!(serde_json::to_string(&s).unwrap(), "\"********\"");
         assert_eq!(s.expose(), "hunter2");
+    }
+
+    #[test]
+    fn numbers_from_the_environment_stay_text() {
+        #[derive(Deserialize)]
+        struct C {
+            password: Secret,
+            #[serde(default, deserialize_with = "lenient_opt_string")]
+            user: Option<String>,
+        }
+        let c: C = serde_json::from_str(r#"{"password": 123, "user": 42}"#).unwrap();
+        assert_eq!(c.password.expose(), "123");
+        assert_eq!(c.user.as_deref(), Some("42"));
+        let env = |k: &str| (k == "GATEWAY__KAFKA__SASL__PASSWORD").then(|| "0123".to_string());
+        assert_eq!(
+            raw_env("GATEWAY", "kafka.sasl.password", &env).as_deref(),
+            Some("0123")
+        );
     }
 
     #[test]
