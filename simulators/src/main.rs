@@ -501,8 +501,9 @@ async fn connect(
                 )
             ),
             None => bail!(
-                "cannot connect to the MQTT broker at {}: {e}\n(is it running? for the local stack: scripts/stack up)",
-                s.broker
+                "cannot connect to the MQTT broker at {}: {e}{}\n(is it running? for the local stack: scripts/stack up)",
+                s.broker,
+                iot_gateway::security::mqtt::plaintext_hint(&s.broker, &e)
             ),
         },
         _ => bail!("no answer from the MQTT broker at {} within 10 s", s.broker),

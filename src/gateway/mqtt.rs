@@ -314,7 +314,10 @@ async fn event_loop(
                         metrics.security.failed("mqtt", kind, why);
                         metrics.mqtt_connected.set(0);
                     }
-                    None => metrics.mqtt_down(&cfg.url, &e, connected),
+                    None => {
+                        let hint = crate::security::mqtt::plaintext_hint(&cfg.url, &e);
+                        metrics.mqtt_down(&cfg.url, &format!("{e}{hint}"), connected)
+                    }
                 }
                 connected = false;
                 tokio::select! {

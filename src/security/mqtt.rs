@@ -111,6 +111,16 @@ pub fn classify(error: &str) -> Option<SecurityKind> {
     None
 }
 
+/// A hint for a plaintext client whose connection a TLS listener drops.
+pub fn plaintext_hint(url: &str, error: &str) -> &'static str {
+    let plain = url.starts_with("mqtt://") || url.starts_with("tcp://");
+    if plain && (error.contains("reset by peer") || error.contains("deserialization")) {
+        " (if the broker expects TLS on this port, use an mqtts:// URL)"
+    } else {
+        ""
+    }
+}
+
 /// A readable sentence for a classified MQTT failure.
 pub fn describe(kind: SecurityKind, url: &str, user: Option<&str>, error: &str) -> String {
     match kind {
