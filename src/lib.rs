@@ -13,6 +13,16 @@
 //! - [`config`]: typed config, file + environment, validated without I/O.
 //! - [`telemetry`], [`http`]: logs, metrics encoding, the `/metrics` `/healthz` `/readyz` server.
 
+/// `--version` of every binary: version, git commit and target triple.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("IOT_GIT_COMMIT"),
+    ", ",
+    env!("IOT_BUILD_TARGET"),
+    ")"
+);
+
 pub mod aggregator;
 pub mod cli;
 pub mod config;
@@ -22,4 +32,5 @@ pub mod http;
 pub mod reading;
 pub mod security;
 pub mod shutdown;
+pub mod systemd;
 pub mod telemetry;

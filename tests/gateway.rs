@@ -1391,3 +1391,115 @@ async fn replayed_retained_reading_is_not_sent_twice_but_a_restarted_device_is_k
         Some(Some(0))
     );
 }
+
+/// Datagrams a gateway sent to its NOTIFY_SOCKET within `wait` (or until `until` is seen).
+fn notifications(
+    sock: &std::os::unix::net::UnixDatagram,
+    wait: Duration,
+    until: &str,
+) -> Vec<String> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .expect("timeout");
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let done = msg.lines().any(|l| l == until);
+                got.push(msg);
+                if done {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn systemd_notify_ready_only_once_subscribed_then_watchdog_and_stopping() {
+    let s = Setup::new("gw-notify").await;
+    let path = s.dir.join("notify.sock");
+    let _ = std::fs::remove_file(&path);
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("notify socket");
+    let notify = [
+        ("NOTIFY_SOCKET", path.display().to_string()),
+        ("WATCHDOG_USEC", "1000000".to_string()),
+    ];
+
+    // A broker that does not answer: alive (watchdog pings), but never READY.
+    let dead = format!("mqtt://127.0.0.1:{}", common::free_port());
+    let gw = s.start_with(
+        &dead,
+        &common::kafka_bootstrap(),
+        &notify,
+        "gateway-no-broker",
+    );
+    let early = notifications(&sock, Duration::from_secs(6), "READY=1");
+    assert!(
+        !early.iter().any(|m| m.contains("READY=1")),
+        "READY before subscribing: {early:?}\n{}",
+        gw.log_text()
+    );
+    let pings = early.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    assert!(
+        pings >= 4,
+        "a 1 s watchdog wants a ping every 0.5 s: {early:?}"
+    );
+    drop(gw);
+
+    // The real broker: READY once subscribed, then pings, STOPPING on SIGTERM.
+    let mut gw = s.start(&notify, "gateway");
+    let got = notifications(&sock, Duration::from_secs(30), "READY=1");
+    assert!(
+        got.iter().any(|m| m.contains("READY=1")),
+        "no READY: {got:?}\n{}",
+        gw.log_text()
+    );
+    assert_eq!(
+        s.metric("gateway_mqtt_connected", &[]),
+        1.0,
+        "READY came before the subscription"
+    );
+    let later = notifications(&sock, Duration::from_secs(2), "never");
+    assert!(
+        later.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2,
+        "{later:?}"
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &gw.child.id().to_string()])
+        .status();
+    let end = notifications(&sock, Duration::from_secs(10), "STOPPING=1");
+    assert!(end.iter().any(|m| m.contains("STOPPING=1")), "{end:?}");
+    assert!(gw
+        .terminate(Duration::from_secs(15))
+        .is_some_and(|st| st.success()));
+}
+
+#[test]
+fn version_names_the_git_commit_and_the_target() {
+    let out = std::process::Command::new(GATEWAY)
+        .arg("--version")
+        .output()
+        .expect("gateway --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("git");
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    assert_eq!(head.len(), 12, "a git checkout");
+    assert_eq!(
+        text.trim(),
+        format!(
+            "gateway {} (commit {head}, {}-unknown-linux-gnu)",
+            env!("CARGO_PKG_VERSION"),
+            std::env::consts::ARCH
+        )
+    );
+}

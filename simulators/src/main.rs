@@ -21,7 +21,7 @@ use serde::Deserialize;
 #[derive(Parser, Debug, Default)]
 #[command(
     name = "simulator",
-    version,
+    version = iot_gateway::VERSION,
     about = "Simulates temperature/humidity sensors publishing over MQTT, with faults.",
     after_help = "Flags override the values of --scenario. Example:\n  simulator --broker mqtt://127.0.0.1:1883 --devices 100 --rate 1 --duration 30s --faults 0.02"
 )]

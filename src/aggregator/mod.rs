@@ -187,7 +187,12 @@ pub async fn run(
             .spawn(move || consume_loop(&consumer, &shared, &limits, &topic, &stop))
             .map_err(|e| AggregatorError::Http(format!("cannot start the consumer thread: {e}")))?
     };
+    // systemd: ready once subscribed and serving HTTP; the consumer thread
+    // feeds the watchdog.
+    let mut notifier = crate::systemd::Notifier::from_env();
+    notifier.ready("consuming");
     shutdown.cancelled().await;
+    notifier.stopping();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     lag_stop.cancel();
     let _ = tokio::task::spawn_blocking(move || worker.join()).await;
@@ -235,11 +240,13 @@ fn consume_loop(
 ) {
     const BATCH: usize = 2048;
     let user = consumer.context().user.as_deref();
+    let mut watchdog = crate::systemd::Notifier::from_env();
     let mut batch: Vec<(i32, i64, Parsed)> = Vec::with_capacity(BATCH);
     let mut stored: HashMap<i32, i64> = HashMap::new();
     // While Kafka is down every poll fails: warn once, then debug until it recovers.
     let mut failing = false;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        watchdog.alive();
         batch.clear();
         let mut wait = Duration::from_millis(100);
         while batch.len() < BATCH {

@@ -12,7 +12,7 @@ const DEFAULT_CONFIG: &str = "configs/aggregator.toml";
 #[derive(Parser, Debug)]
 #[command(
     name = "aggregator",
-    version,
+    version = iot_gateway::VERSION,
     about = "Consumer-group service: aggregates the readings in Kafka and serves them as Prometheus metrics and JSON."
 )]
 struct Cli {

@@ -12,7 +12,7 @@ const DEFAULT_CONFIG: &str = "configs/gateway.toml";
 #[derive(Parser, Debug)]
 #[command(
     name = "gateway",
-    version,
+    version = iot_gateway::VERSION,
     about = "Edge gateway: sensor readings over MQTT (or simulated) -> validated, keyed JSON -> Kafka, at least once."
 )]
 struct Cli {

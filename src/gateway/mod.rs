@@ -338,6 +338,11 @@ impl Pipeline {
         let mut deadline: Option<tokio::time::Instant> = None;
         let (mut mqtt_open, mut sim_open) = (true, true);
         let mut outcome = Ok(());
+        // systemd: ready once subscribed (the spool is open by now); the
+        // watchdog is fed from this loop, so a wedged pipeline gets restarted.
+        let mut notifier = crate::systemd::Notifier::from_env();
+        let mut tick = tokio::time::interval(notifier.tick());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let draining = deadline.is_some();
             let intake = !draining && self.pending < self.window;
@@ -354,6 +359,7 @@ impl Pipeline {
                     }
                 }
                 _ = shutdown.cancelled(), if !draining => {
+                    notifier.stopping();
                     info!(pending = self.pending, grace_ms = grace.as_millis() as u64, "shutting down: intake stopped, settling what was accepted");
                     deadline = Some(tokio::time::Instant::now() + grace);
                 }
@@ -387,7 +393,17 @@ impl Pipeline {
                     warn!(pending = self.pending, "grace period over; unsettled readings stay unacknowledged");
                     break;
                 }
+                _ = tick.tick() => {}
             }
+            if !notifier.is_ready()
+                && !draining
+                && (!self.cfg.mqtt.enabled || self.metrics.mqtt_connected.get() == 1)
+            {
+                notifier.ready("accepting readings");
+                tick = tokio::time::interval(notifier.tick());
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            }
+            notifier.alive();
             if let Out::Spool(w, batch) = &mut self.out {
                 if !batch.is_empty() && w.tx.send(std::mem::take(batch)).is_err() {
                     return Err(GatewayError::Spool("the writer thread stopped".into()));
