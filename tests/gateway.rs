@@ -1503,3 +1503,80 @@ fn version_names_the_git_commit_and_the_target() {
         )
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_applies_limits_and_log_level_and_names_what_needs_a_restart() {
+    let s = Setup::new("gw-hup").await;
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/gateway.toml"))
+            .expect("sample config");
+    let cfg = s.dir.join("gateway.toml");
+    std::fs::write(&cfg, &shipped).expect("config");
+    let mut env = s.env(&common::mqtt_broker(), &common::kafka_bootstrap());
+    // log.level applies only when RUST_LOG does not override it.
+    env.push(("RUST_LOG", String::new()));
+    let mut gw = common::spawn(
+        GATEWAY,
+        &["run", "--config", cfg.to_str().expect("path")],
+        &env,
+        &s.dir,
+        "gateway",
+    );
+    s.wait_ready(&mut gw).await;
+    let reading = |seq: u64| {
+        format!(
+            r#"{{"device_id":"dev-001","temperature":60.0,"humidity":40.0,"seq":{seq},"ts":{}}}"#,
+            now_ms()
+        )
+    };
+    publish_one(&s.mqtt_topic("dev-001"), reading(1).as_bytes(), false).await;
+    let ok = common::consume(&s.topic, 1, Duration::from_secs(30), Duration::ZERO).await;
+    assert_eq!(ok.len(), 1, "60 C is valid by default");
+
+    // Tighter limits and debug logging apply at once; a Kafka setting needs a restart.
+    let edited = shipped
+        .replace("temperature_max = 85.0", "temperature_max = 50.0")
+        .replace("level = \"info\"", "level = \"debug\"")
+        .replace("linger_ms = 5", "linger_ms = 10");
+    assert_ne!(edited, shipped);
+    std::fs::write(&cfg, &edited).expect("config");
+    let hup = |gw: &common::Child| {
+        std::process::Command::new("kill")
+            .args(["-HUP", &gw.child.id().to_string()])
+            .status()
+            .expect("kill -HUP")
+    };
+    hup(&gw);
+    let reloaded = common::eventually(Duration::from_secs(10), || {
+        gw.log_text().lines().any(|l| {
+            l.contains("configuration reloaded")
+                && l.contains("validation.temperature_max")
+                && l.contains("log.level")
+                && l.contains("needs_restart=[\"kafka.linger_ms\"]")
+        })
+    })
+    .await;
+    assert!(reloaded, "log:\n{}", gw.log_text());
+    publish_one(&s.mqtt_topic("dev-001"), reading(2).as_bytes(), false).await;
+    let dead = common::consume(&s.dlq, 1, Duration::from_secs(30), Duration::ZERO).await;
+    assert_eq!(dead.len(), 1, "log:\n{}", gw.log_text());
+    assert_eq!(common::header(&dead[0], "reason"), Some("out_of_range"));
+    assert!(
+        gw.log_text().lines().any(|l| l.contains(" DEBUG ")),
+        "log.level debug took effect"
+    );
+
+    // A broken file is rejected; the gateway keeps running as it was.
+    std::fs::write(&cfg, format!("{edited}\n[kafka]\nlinger_msec = 1\n")).expect("config");
+    hup(&gw);
+    let rejected = common::eventually(Duration::from_secs(10), || {
+        gw.log_text().contains("reload rejected")
+    })
+    .await;
+    assert!(rejected, "log:\n{}", gw.log_text());
+    assert!(gw.is_running());
+    assert_eq!(readyz(&s).0, 200);
+    assert!(gw
+        .terminate(Duration::from_secs(15))
+        .is_some_and(|st| st.success()));
+}

@@ -82,5 +82,11 @@ fn run(args: RunArgs) -> ExitCode {
         }
         l
     };
-    iot_gateway::cli::run_service("gateway", cfg, log, iot_gateway::gateway::run)
+    // SIGHUP loads the configuration again, the same way.
+    let again = args.clone();
+    let loader: iot_gateway::gateway::reload::Loader =
+        std::sync::Arc::new(move || load(&again.config, again.simulate));
+    iot_gateway::cli::run_service("gateway", cfg, log, move |c, stop| {
+        iot_gateway::gateway::run_with_reload(c, stop, Some(loader))
+    })
 }

@@ -21,6 +21,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod mqtt;
 pub mod probe;
+pub mod reload;
 pub mod seq;
 pub mod simulated;
 pub mod spool;
@@ -119,6 +120,23 @@ fn open_spool(cfg: &GatewayConfig, metrics: &GatewayMetrics) -> Result<OpenSpool
 /// acknowledges what is settled, disconnects MQTT, and gives Kafka the grace
 /// period for what is in flight. What was not settled stays unacknowledged.
 pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), GatewayError> {
+    run_with_reload(cfg, shutdown, None).await
+}
+
+/// [`run`], and with a loader SIGHUP reloads the configuration (see [`reload`]).
+pub async fn run_with_reload(
+    cfg: GatewayConfig,
+    shutdown: CancellationToken,
+    loader: Option<reload::Loader>,
+) -> Result<(), GatewayError> {
+    let (limits_tx, limits_rx) = tokio::sync::watch::channel(cfg.validation.clone());
+    let reload_stop = CancellationToken::new();
+    // Without a loader the sender is dropped: the pipeline's `changed()` then
+    // just never fires.
+    if let Some(l) = loader {
+        reload::spawn(l, cfg.clone(), limits_tx, reload_stop.clone());
+    }
+    let _stop_reload = reload_stop.drop_guard();
     let metrics = GatewayMetrics::new();
     // The spool first: a directory we cannot use stops us before we connect.
     let opened = if cfg.spool.enabled {
@@ -228,6 +246,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         "gateway running"
     );
     let mut pipeline = Pipeline::new(&cfg, metrics.clone(), out, recent);
+    pipeline.limits = Some(limits_rx);
     let acker = mqtt.as_ref().map(|m| m.acker.clone());
     let mut sim_rx = match sim {
         Some(rx) => rx,
@@ -301,6 +320,8 @@ struct Pipeline {
     pkids: Vec<u16>,
     /// Each topic filter with the position of its first `+` (the device id).
     plus_segments: Vec<(String, Option<usize>)>,
+    /// New validation limits from a reload (SIGHUP); taken by `run`.
+    limits: Option<tokio::sync::watch::Receiver<crate::reading::Limits>>,
 }
 
 impl Pipeline {
@@ -322,6 +343,7 @@ impl Pipeline {
                 .iter()
                 .map(|f| (f.clone(), f.split('/').position(|s| s == "+")))
                 .collect(),
+            limits: None,
         }
     }
 
@@ -334,6 +356,8 @@ impl Pipeline {
         shutdown: &CancellationToken,
         fatal: &mut mpsc::Receiver<GatewayError>,
     ) -> Result<(), GatewayError> {
+        let (_, never) = tokio::sync::watch::channel(self.cfg.validation.clone());
+        let mut limits = self.limits.take().unwrap_or(never);
         let grace = Duration::from_millis(self.cfg.shutdown.grace_period_ms);
         let mut deadline: Option<tokio::time::Instant> = None;
         let (mut mqtt_open, mut sim_open) = (true, true);
@@ -392,6 +416,10 @@ impl Pipeline {
                 _ = sleep_until(deadline), if draining => {
                     warn!(pending = self.pending, "grace period over; unsettled readings stay unacknowledged");
                     break;
+                }
+                Ok(()) = limits.changed() => {
+                    self.cfg.validation = limits.borrow_and_update().clone();
+                    info!(limits = ?self.cfg.validation, "validation limits updated");
                 }
                 _ = tick.tick() => {}
             }
