@@ -1,0 +1,246 @@
+//! The Debian packages `scripts/package` builds, as an edge box gets them: their
+//! contents, a real install of the amd64 one (units verified, security scored,
+//! removed again), and the arm64 gateway running under qemu against the local
+//! stack. qemu runs it with the arm64 glibc that came with arm64 OpenSSL
+//! (multiarch, /lib/aarch64-linux-gnu): `-L /usr/aarch64-linux-gnu` would mix
+//! the cross toolchain's loader with that libc, and the first thread never starts.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+fn deb(arch: &str) -> PathBuf {
+    let p = common::repo_root().join(format!(
+        "target/debian/iot-gateway_{}-1_{arch}.deb",
+        env!("CARGO_PKG_VERSION")
+    ));
+    assert!(
+        p.exists(),
+        "{} is missing: build the packages with `scripts/package` (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+fn run(cmd: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The ELF machine of a binary (62 = x86-64, 183 = AArch64).
+fn elf_machine(p: &Path) -> u16 {
+    let b = std::fs::read(p).expect("binary");
+    assert_eq!(&b[..4], b"\x7fELF", "{} is not ELF", p.display());
+    u16::from_le_bytes([b[18], b[19]])
+}
+
+#[test]
+fn both_packages_hold_the_binaries_configs_and_units() {
+    for (arch, machine) in [("amd64", 62), ("arm64", 183)] {
+        let f = deb(arch);
+        let f = f.to_str().expect("path");
+        let (ok, info) = run("dpkg-deb", &["--info", f]);
+        assert!(ok, "{info}");
+        assert!(info.contains(&format!("Architecture: {arch}")), "{info}");
+        assert!(
+            info.contains("libssl3"),
+            "depends on the system OpenSSL: {info}"
+        );
+        let (ok, files) = run("dpkg-deb", &["--contents", f]);
+        assert!(ok, "{files}");
+        for want in [
+            "./usr/bin/iot-gateway",
+            "./usr/bin/iot-aggregator",
+            "./usr/bin/iot-simulator",
+            "./etc/iot-gateway/gateway.toml",
+            "./etc/iot-gateway/aggregator.toml",
+            "./usr/lib/systemd/system/iot-gateway.service",
+            "./usr/lib/systemd/system/iot-aggregator.service",
+            "./usr/lib/sysusers.d/iot-gateway.conf",
+            "./usr/share/doc/iot-gateway/changelog.Debian.gz",
+        ] {
+            assert!(
+                files.lines().any(|l| l.ends_with(want)),
+                "{arch}: no {want}\n{files}"
+            );
+        }
+        let dir = common::test_dir(&common::unique_name(&format!("deb-{arch}")));
+        let (ok, out) = run("dpkg-deb", &["-x", f, dir.to_str().expect("path")]);
+        assert!(ok, "{out}");
+        let (ok, ctl) = run(
+            "dpkg-deb",
+            &["-e", f, dir.join("DEBIAN").to_str().expect("path")],
+        );
+        assert!(ok, "{ctl}");
+        let conf = std::fs::read_to_string(dir.join("DEBIAN/conffiles")).expect("conffiles");
+        assert!(
+            conf.contains("/etc/iot-gateway/gateway.toml")
+                && conf.contains("/etc/iot-gateway/aggregator.toml"),
+            "the configs are conffiles (an upgrade keeps the user's): {conf}"
+        );
+        let bin = dir.join("usr/bin/iot-gateway");
+        assert_eq!(elf_machine(&bin), machine, "{arch} binary");
+        let (ok, sections) = run("readelf", &["-S", "--wide", bin.to_str().expect("path")]);
+        assert!(ok, "{sections}");
+        assert!(
+            !sections.contains(".symtab") && !sections.contains(".debug_info"),
+            "{arch}: not stripped:\n{sections}"
+        );
+    }
+}
+
+/// Removes the package again, also when the test fails half-way.
+struct Installed;
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = Command::new("dpkg")
+            .args(["--purge", "iot-gateway"])
+            .output();
+    }
+}
+
+#[test]
+fn amd64_package_installs_verifies_scores_and_purges() {
+    let f = deb("amd64");
+    let (ok, out) = run("dpkg", &["-i", f.to_str().expect("path")]);
+    let guard = Installed;
+    assert!(ok, "dpkg -i (the tests run as root, like CI):\n{out}");
+    let (ok, v) = run("/usr/bin/iot-gateway", &["--version"]);
+    assert!(ok && v.contains("x86_64-unknown-linux-gnu"), "{v}");
+    let (ok, c) = run(
+        "/usr/bin/iot-gateway",
+        &["check-config", "--config", "/etc/iot-gateway/gateway.toml"],
+    );
+    assert!(ok, "the shipped config is valid: {c}");
+    let (ok, u) = run("getent", &["passwd", "iot-gateway"]);
+    assert!(ok && u.contains("/usr/sbin/nologin"), "system user: {u}");
+    for unit in ["iot-gateway.service", "iot-aggregator.service"] {
+        let path = format!("/usr/lib/systemd/system/{unit}");
+        let (ok, out) = run("systemd-analyze", &["verify", &path]);
+        assert!(ok, "systemd-analyze verify {unit}:\n{out}");
+        let (_, sec) = run("systemd-analyze", &["security", "--offline=yes", &path]);
+        let overall = sec
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .unwrap_or_else(|| panic!("{sec}"));
+        println!("{overall}");
+        let score: f64 = overall
+            .split(':')
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .expect("score");
+        assert!(score <= 2.0, "{unit} is exposed: {overall}");
+    }
+    drop(guard);
+    assert!(!Path::new("/usr/bin/iot-gateway").exists(), "purged");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn arm64_gateway_runs_under_qemu_and_delivers() {
+    common::require_kafka();
+    common::require_mqtt();
+    let name = common::unique_name("gw-arm64");
+    let dir = common::test_dir(&name);
+    let root = dir.join("root");
+    let (ok, out) = run(
+        "dpkg-deb",
+        &[
+            "-x",
+            deb("arm64").to_str().expect("path"),
+            root.to_str().expect("path"),
+        ],
+    );
+    assert!(ok, "{out}");
+    let (topic, dlq) = (format!("{name}.weather"), format!("{name}.dlq"));
+    common::create_topic(&topic, 3).await;
+    common::create_topic(&dlq, 1).await;
+    let http = format!("127.0.0.1:{}", common::free_port());
+    let bin = root.join("usr/bin/iot-gateway");
+    let gw = common::spawn(
+        "qemu-aarch64",
+        &[
+            bin.to_str().expect("path"),
+            "run",
+            "--config",
+            root.join("etc/iot-gateway/gateway.toml")
+                .to_str()
+                .expect("path"),
+        ],
+        &[
+            ("GATEWAY__MQTT__URL", common::mqtt_broker()),
+            ("GATEWAY__MQTT__CLIENT_ID", name.clone()),
+            ("GATEWAY__MQTT__TOPICS", format!("{name}/+/telemetry")),
+            (
+                "GATEWAY__KAFKA__BOOTSTRAP_SERVERS",
+                common::kafka_bootstrap(),
+            ),
+            ("GATEWAY__KAFKA__TOPIC", topic.clone()),
+            ("GATEWAY__KAFKA__DLQ_TOPIC", dlq.clone()),
+            ("GATEWAY__HTTP__LISTEN", http.clone()),
+            (
+                "GATEWAY__SPOOL__DIR",
+                dir.join("spool").display().to_string(),
+            ),
+        ],
+        &dir,
+        "gateway-arm64",
+    );
+    let ready = common::eventually(Duration::from_secs(60), || {
+        matches!(common::http_get(&http, "/readyz"), Ok((200, _)))
+    })
+    .await;
+    assert!(ready, "arm64 gateway not ready; log:\n{}", gw.log_text());
+    let (host, port) = common::mqtt_host_port();
+    let mut o = rumqttc::MqttOptions::new(common::unique_name("arm64-pub"), host, port);
+    o.set_keep_alive(Duration::from_secs(10));
+    let (c, mut el) = rumqttc::AsyncClient::new(o, 100);
+    let ts = chrono::Utc::now().timestamp_millis();
+    for seq in 1..=20u64 {
+        let payload = format!(
+            r#"{{"device_id":"arm-01","temperature":21.5,"humidity":40.0,"seq":{seq},"ts":{ts}}}"#
+        );
+        c.publish(
+            format!("{name}/arm-01/telemetry"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            payload,
+        )
+        .await
+        .expect("publish");
+    }
+    let mut acked = 0;
+    while acked < 20 {
+        match tokio::time::timeout(Duration::from_secs(10), el.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            other => panic!("publishing: {other:?}"),
+        }
+    }
+    let records =
+        common::consume(&topic, 20, Duration::from_secs(60), Duration::from_secs(2)).await;
+    assert_eq!(records.len(), 20, "log:\n{}", gw.log_text());
+    let (_, v) = run(
+        "qemu-aarch64",
+        &[
+            "-L",
+            "/usr/aarch64-linux-gnu",
+            bin.to_str().expect("path"),
+            "--version",
+        ],
+    );
+    assert!(v.contains("aarch64-unknown-linux-gnu"), "{v}");
+}
