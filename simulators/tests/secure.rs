@@ -172,6 +172,32 @@ async fn until(what: &str, child: &common::Child, secs: u64, f: impl FnMut() -> 
     assert!(ok, "{what} within {secs}s; log:\n{}", child.log_text());
 }
 
+/// Until the gateway at `http` counted a `kind` failure towards `peer`.
+async fn until_counted(
+    what: &str,
+    gw: &common::Child,
+    http: &str,
+    peer: &str,
+    kind: &str,
+    secs: u64,
+) {
+    until(what, gw, secs, || {
+        metric(
+            http,
+            "gateway_security_errors_total",
+            &[("peer", peer), ("kind", kind)],
+        ) >= 1.0
+    })
+    .await;
+}
+
+async fn until_subscribed(gw: &common::Child, http: &str) {
+    until("MQTT subscribed", gw, 30, || {
+        metric(http, "gateway_mqtt_connected", &[]) == 1.0
+    })
+    .await;
+}
+
 /// The seqs of each device; asserts no reading (device, seq, ts) is there twice.
 fn readings(records: &[OwnedMessage]) -> BTreeMap<String, Vec<u64>> {
     let mut per_device: BTreeMap<String, Vec<u64>> = BTreeMap::new();
@@ -470,14 +496,7 @@ async fn tls_failures_are_clear_errors_and_lose_nothing() {
         let mut env = env.clone();
         env.extend(persistent.iter().cloned());
         let gw = r.gateway(&format!("gateway-{case}"), &http, &env);
-        until(&format!("{case}: counted"), &gw, 30, || {
-            metric(
-                &http,
-                "gateway_security_errors_total",
-                &[("peer", "mqtt"), ("kind", "tls")],
-            ) >= 1.0
-        })
-        .await;
+        until_counted(&format!("{case}: counted"), &gw, &http, "mqtt", "tls", 30).await;
         let (code, body) = readyz(&http);
         assert_eq!(code, 503, "{case}: {body}");
         assert!(
@@ -595,18 +614,8 @@ async fn wrong_password_or_missing_acl_keeps_readings_until_fixed() {
             ("GATEWAY__KAFKA__SASL__PASSWORD", wrong.into()),
         ],
     );
-    until("auth failure counted", &gw, 30, || {
-        metric(
-            &http,
-            "gateway_security_errors_total",
-            &[("peer", "kafka"), ("kind", "auth")],
-        ) >= 1.0
-    })
-    .await;
-    until("MQTT subscribed", &gw, 30, || {
-        metric(&http, "gateway_mqtt_connected", &[]) == 1.0
-    })
-    .await;
+    until_counted("auth failure counted", &gw, &http, "kafka", "auth", 30).await;
+    until_subscribed(&gw, &http).await;
     let a = publish("simulator-a", "31");
     until("spooled", &gw, 30, || {
         metric(
@@ -648,14 +657,7 @@ async fn wrong_password_or_missing_acl_keeps_readings_until_fixed() {
         &[("GATEWAY__KAFKA__SASL__MECHANISM", "PLAIN".into())],
     );
     let b = publish("simulator-b", "32");
-    until("ACL failure counted", &gw, 40, || {
-        metric(
-            &http,
-            "gateway_security_errors_total",
-            &[("peer", "kafka"), ("kind", "acl")],
-        ) >= 1.0
-    })
-    .await;
+    until_counted("ACL failure counted", &gw, &http, "kafka", "acl", 40).await;
     let (_, body) = readyz(&http);
     assert!(body.contains("not authorized"), "/readyz: {body}");
     let none = r
@@ -904,18 +906,8 @@ async fn kafka_over_mutual_tls_and_a_wrong_kafka_ca() {
         &http,
         &[("GATEWAY__KAFKA__TLS__CA_FILE", path(&other_ca))],
     );
-    until("Kafka TLS failure counted", &gw, 30, || {
-        metric(
-            &http,
-            "gateway_security_errors_total",
-            &[("peer", "kafka"), ("kind", "tls")],
-        ) >= 1.0
-    })
-    .await;
-    until("MQTT subscribed", &gw, 30, || {
-        metric(&http, "gateway_mqtt_connected", &[]) == 1.0
-    })
-    .await;
+    until_counted("Kafka TLS failure counted", &gw, &http, "kafka", "tls", 30).await;
+    until_subscribed(&gw, &http).await;
     let (code, body) = readyz(&http);
     assert_eq!(code, 200, "{body}");
     assert!(
@@ -991,13 +983,14 @@ async fn kafka_over_mutual_tls_and_a_wrong_kafka_ca() {
             ("GATEWAY__KAFKA__SASL__PASSWORD_FILE", String::new()),
         ],
     );
-    until("refused without a certificate", &gw, 30, || {
-        metric(
-            &http,
-            "gateway_security_errors_total",
-            &[("peer", "kafka"), ("kind", "tls")],
-        ) >= 1.0
-    })
+    until_counted(
+        "refused without a certificate",
+        &gw,
+        &http,
+        "kafka",
+        "tls",
+        30,
+    )
     .await;
     drop(gw);
     r.assert_no_secret_anywhere(&[]);

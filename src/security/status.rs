@@ -4,7 +4,7 @@
 //! backoff (credentials and ACLs can be fixed while we run).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,8 +39,9 @@ pub struct SecurityStatus {
     errors: IntCounterVec,
     /// Per peer: the current failure and when it was last logged.
     last: Arc<Mutex<BTreeMap<&'static str, Failure>>>,
-    /// Whether any failure is current (a lock-free check on hot paths).
-    active: Arc<AtomicBool>,
+    /// Peers with a current failure, one bit each: the per-reading
+    /// `cleared("kafka", ..)` is a lock-free load unless Kafka itself failed.
+    active: Arc<AtomicU8>,
 }
 
 #[derive(Debug)]
@@ -48,6 +49,15 @@ struct Failure {
     kind: SecurityKind,
     message: String,
     logged: Instant,
+}
+
+/// The active-bit of a peer ("mqtt", "kafka").
+fn bit(peer: &str) -> u8 {
+    match peer {
+        "mqtt" => 1,
+        "kafka" => 2,
+        _ => 4,
+    }
 }
 
 /// The same failure is logged again at most this often (it is counted always).
@@ -103,7 +113,7 @@ impl SecurityStatus {
                     logged: now,
                 },
             );
-            self.active.store(true, Ordering::Relaxed);
+            self.active.fetch_or(bit(peer), Ordering::Relaxed);
         }
         drop(last);
         counter.inc();
@@ -117,7 +127,7 @@ impl SecurityStatus {
 
     /// Clears the current failure of `peer` if `fixed(kind, message)`.
     pub fn cleared_if(&self, peer: &'static str, fixed: impl Fn(SecurityKind, &str) -> bool) {
-        if !self.active.load(Ordering::Relaxed) {
+        if self.active.load(Ordering::Relaxed) & bit(peer) == 0 {
             return;
         }
         let mut last = self.last();
@@ -126,19 +136,16 @@ impl SecurityStatus {
                 tracing::info!(peer, "{peer}: resolved (was: {})", f.message);
             }
         }
-        self.active.store(!last.is_empty(), Ordering::Relaxed);
+        if !last.contains_key(peer) {
+            self.active.fetch_and(!bit(peer), Ordering::Relaxed);
+        }
     }
 
     /// The failure `/readyz` shows for `peer`, if one is current.
     pub fn current(&self, peer: &'static str) -> Option<String> {
-        if !self.active.load(Ordering::Relaxed) {
+        if self.active.load(Ordering::Relaxed) & bit(peer) == 0 {
             return None;
         }
         self.last().get(peer).map(|f| f.message.clone())
-    }
-
-    /// How many failures of `kind` on `peer` were counted (tests).
-    pub fn count(&self, peer: &str, kind: SecurityKind) -> u64 {
-        self.errors.with_label_values(&[peer, kind.label()]).get()
     }
 }
