@@ -129,6 +129,16 @@ def proc_peak_rss_mib(pid):
     return 0.0
 
 
+def proc_rss_mib(pid, field="VmRSS"):
+    """VmRSS (all resident pages), or RssAnon (the private part: heap and
+    stacks, without the shared, clean code pages of the binary and libraries)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def http_get(url, timeout=10):
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.read().decode()
@@ -492,6 +502,148 @@ def case_aggregator(n, devices):
             "scrape_ms": statistics.median(scrapes), "devices": devices}
 
 
+# ------------------------------------------------------------------ footprint (edge box)
+
+FOOTPRINT_KEYS = ("ready_ms_plain", "ready_ms_tls", "idle_rss_mib_plain", "idle_rss_mib_tls",
+                  "idle_anon_mib_plain", "idle_anon_mib_tls", "devices_rss_mib", "devices_anon_mib",
+                  "devices_peak_rss_mib")
+SECURE_DIR = Path(os.environ.get("SECURE_STACK_DIR", ROOT / ".stack" / "secure"))
+SECURE_KAFKA = os.environ.get("SECURE_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9094")
+SECURE_MQTT = os.environ.get("SECURE_MQTT_MTLS_BROKER", "mqtts://127.0.0.1:8884")
+
+
+def secure_gateway_env():
+    """The gateway as shipped for the edge: MQTT over mutual TLS, Kafka SASL_SSL
+    (SCRAM-SHA-512), against `scripts/stack --secure`."""
+    pki, sec = SECURE_DIR / "pki", SECURE_DIR / "secrets"
+    if not (pki / ".complete").exists():
+        raise BenchError(f"the secure stack is not set up ({pki}); start it with `scripts/stack up --secure`")
+    return {
+        "GATEWAY__MQTT__URL": SECURE_MQTT,
+        "GATEWAY__MQTT__TLS__CA_FILE": str(pki / "ca.crt"),
+        "GATEWAY__MQTT__TLS__CERT_FILE": str(pki / "gateway.crt"),
+        "GATEWAY__MQTT__TLS__KEY_FILE": str(pki / "gateway.key"),
+        "GATEWAY__KAFKA__BOOTSTRAP_SERVERS": SECURE_KAFKA,
+        "GATEWAY__KAFKA__SECURITY_PROTOCOL": "sasl_ssl",
+        "GATEWAY__KAFKA__TLS__CA_FILE": str(pki / "ca.crt"),
+        "GATEWAY__KAFKA__SASL__MECHANISM": "SCRAM-SHA-512",
+        "GATEWAY__KAFKA__SASL__USERNAME": "gateway",
+        "GATEWAY__KAFKA__SASL__PASSWORD_FILE": str(sec / "kafka-gateway.password"),
+        # The stack's own topics (the gateway user may write only these).
+        "GATEWAY__KAFKA__TOPIC": "weather",
+        "GATEWAY__KAFKA__DLQ_TOPIC": "weather.dlq",
+    }
+
+
+def start_until_ready(name, env, timeout=30):
+    """Starts the gateway with NOTIFY_SOCKET pointing at our socket and returns
+    it with the seconds from spawn to its READY=1 (sent once MQTT is subscribed
+    and the spool is open: what systemd waits for)."""
+    import socket
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="bench-notify-")
+    path = os.path.join(d, "notify.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    s.settimeout(0.2)
+    try:
+        t0 = time.monotonic()
+        gw = Proc(name, [str(REL / "gateway"), "run", "--config", "configs/gateway.toml"],
+                  {"RUST_LOG": "warn", **env, "NOTIFY_SOCKET": path})
+        while True:
+            try:
+                if b"READY=1" in s.recv(4096).split(b"\n"):
+                    return gw, time.monotonic() - t0
+            except socket.timeout:
+                pass
+            if gw.p.poll() is not None:
+                raise BenchError(f"{name} exited before READY=1:\n{gw.tail()}")
+            if time.monotonic() - t0 > timeout:
+                gw.stop()
+                raise BenchError(f"{name}: no READY=1 within {timeout}s:\n{gw.tail()}")
+    finally:
+        s.close()
+        os.unlink(path)
+        os.rmdir(d)
+
+
+def case_footprint(devices, per_device, idle_s):
+    """Idle RSS and start-to-ready, plain and with TLS, both with the spool; then
+    RSS after `devices` distinct devices have sent `per_device` readings each."""
+    out = {}
+    for label, env in [("plain", {"GATEWAY__MQTT__URL": MQTT_URL, "GATEWAY__KAFKA__BOOTSTRAP_SERVERS": KAFKA}),
+                       ("tls", secure_gateway_env())]:
+        env = {**env, "GATEWAY__MQTT__CLIENT_ID": unique("fp-gw"), "GATEWAY__MQTT__CLEAN_SESSION": "true",
+               "GATEWAY__MQTT__TOPICS": f"{unique('fp-idle')}/+/telemetry", "GATEWAY__SPOOL__ENABLED": "true",
+               "GATEWAY__SPOOL__DIR": str(ROOT / "bench" / "out" / "spool" / unique("fp")),
+               "GATEWAY__HTTP__LISTEN": f"127.0.0.1:{free_port()}"}
+        gw, ready_s = start_until_ready(f"gateway-footprint-{label}", env)
+        try:
+            time.sleep(idle_s)
+            out[f"ready_ms_{label}"] = ready_s * 1000
+            out[f"idle_rss_mib_{label}"] = proc_rss_mib(gw.p.pid)
+            out[f"idle_anon_mib_{label}"] = proc_rss_mib(gw.p.pid, "RssAnon")
+        finally:
+            gw.stop()
+
+    topic, dlq, prefix = unique("fp"), unique("fp-dlq"), unique("fp-mqtt")
+    create_topic(topic)
+    create_topic(dlq, 1)
+    port = free_port()
+    gw, _ = start_until_ready("gateway-footprint-devices", {
+        "GATEWAY__MQTT__URL": MQTT_URL, "GATEWAY__MQTT__CLIENT_ID": prefix + "-gw", "GATEWAY__MQTT__CLEAN_SESSION": "true",
+        "GATEWAY__MQTT__TOPICS": f"{prefix}/+/telemetry", "GATEWAY__KAFKA__BOOTSTRAP_SERVERS": KAFKA,
+        "GATEWAY__KAFKA__TOPIC": topic, "GATEWAY__KAFKA__DLQ_TOPIC": dlq,
+        "GATEWAY__SPOOL__DIR": str(ROOT / "bench" / "out" / "spool" / unique("fp-devices")),
+        "GATEWAY__HTTP__LISTEN": f"127.0.0.1:{port}"})
+    total = devices * per_device
+    try:
+        # 1 reading/s per device: every device is live at once, at `devices` readings/s.
+        run_simulator(simulator(prefix, devices, per_device=per_device, rate=1), per_device + 120)
+        wait_until(lambda: topic_count(topic) >= total, 120, f"{total} records in Kafka", gw)
+        time.sleep(2)
+        out["devices_rss_mib"] = proc_rss_mib(gw.p.pid)
+        out["devices_anon_mib"] = proc_rss_mib(gw.p.pid, "RssAnon")
+        out["devices_peak_rss_mib"] = proc_peak_rss_mib(gw.p.pid)
+    finally:
+        gw.stop()
+    out["verified"] = checked_and_deleted(topic, dlq, total, "footprint devices")
+    out["devices"] = devices
+    return out
+
+
+def binary_sizes():
+    """Stripped binary and .deb sizes per architecture, from the packages
+    `scripts/package` made (what an edge box installs), with the commit and
+    target each binary reports, so a stale package shows."""
+    import glob
+    import shutil
+    import tempfile
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    res = {}
+    for arch in ("amd64", "arm64"):
+        debs = sorted(glob.glob(str(ROOT / "target" / "debian" / f"iot-gateway_*_{arch}.deb")), key=os.path.getmtime)
+        if not debs:
+            res[arch] = {"missing": f"no target/debian/iot-gateway_*_{arch}.deb: run scripts/package"}
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            subprocess.run(["dpkg-deb", "-x", debs[-1], d], check=True)
+            r = {"deb_mib": os.path.getsize(debs[-1]) / 2**20}
+            for b in ("gateway", "aggregator", "simulator"):
+                r[f"{b}_mib"] = os.path.getsize(os.path.join(d, "usr", "bin", f"iot-{b}")) / 2**20
+            run = [os.path.join(d, "usr", "bin", "iot-gateway"), "--version"]
+            if arch == "arm64":
+                run = ["qemu-aarch64"] + run if shutil.which("qemu-aarch64") else None
+            if run:
+                v = subprocess.run(run, capture_output=True, text=True, timeout=60)
+                r["version"] = v.stdout.strip()
+                r["stale"] = head not in r["version"]
+        res[arch] = r
+    return res
+
+
 def _stats(url):
     try:
         return json.loads(http_get(url + "/api/stats", 2))
@@ -532,6 +684,7 @@ def main():
     ap.add_argument("--soak", action="store_true", help="only the spool soak (Kafka down --soak-minutes)")
     ap.add_argument("--soak-minutes", type=float, default=30)
     ap.add_argument("--soak-rate", type=int, default=1000)
+    ap.add_argument("--only", help="comma-separated cases; results go to bench/out/only.json, not BENCHMARKS.md")
     a = ap.parse_args()
     if a.soak:
         soak(a.soak_minutes, a.soak_rate)
@@ -550,6 +703,9 @@ def main():
         lat_secs=3 if q else 15,
         agg=20_000 if q else 1_000_000,
         agg_devices=1_000 if q else 10_000,
+        fp_devices=1_000 if q else 10_000,
+        fp_per_device=2 if q else 3,
+        fp_idle_s=1 if q else 5,
     )
     plan = [
         ("simulator_qos0", lambda: case_simulator(sizes["sim"], 0)),
@@ -564,10 +720,17 @@ def main():
         ("latency_1k", lambda: case_latency(1_000, sizes["lat_secs"])),
         ("latency_10k", lambda: case_latency(10_000, sizes["lat_secs"])),
         ("aggregator", lambda: case_aggregator(sizes["agg"], sizes["agg_devices"])),
+        ("footprint", lambda: case_footprint(sizes["fp_devices"], sizes["fp_per_device"], sizes["fp_idle_s"])),
     ]
+    if a.only:
+        want = a.only.split(",")
+        unknown = set(want) - {n for n, _ in plan}
+        if unknown:
+            ap.error(f"unknown case(s) {', '.join(sorted(unknown))}; cases: {', '.join(n for n, _ in plan)}")
+        plan = [(n, f) for n, f in plan if n in want]
     results = {}
     failures = []
-    if not q:
+    if not q and not a.only:
         # Warm-up, not measured: the JVM of a fresh Kafka is slower for its first
         # minute, which would penalise whichever case runs first.
         log("warm-up (not measured)")
@@ -594,13 +757,14 @@ def main():
         "sizes": sizes,
         "cases": {name: {"runs": runs, **{k: summarize(runs, k) for k in
                                           ("rate", "cpu_us_per_reading", "peak_rss_mib", "p50_ms", "p99_ms", "p999_ms", "scrape_ms",
-                                           "fsync_p50_ms", "fsync_p99_ms")
+                                           "fsync_p50_ms", "fsync_p99_ms", *FOOTPRINT_KEYS)
                                           if summarize(runs, k)}}
                   for name, runs in results.items()},
         "failures": failures,
+        "binaries": binary_sizes(),
     }
-    if q:
-        path = ROOT / "bench" / "out" / "quick.json"
+    if q or a.only:
+        path = ROOT / "bench" / "out" / ("quick.json" if q else "only.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2))
         log(f"quick run: {len(results)} cases, {len(failures)} failures -> {path}")
