@@ -279,6 +279,10 @@ pub struct MqttConfig {
     pub topics: Vec<String>,
     /// Topic segment (0-based) holding the device id; default: the `+` position.
     pub device_id_segment: Option<usize>,
+    /// Shared subscription group: subscribe `$share/<group>/<filter>` so that
+    /// several gateways split the messages of one broker.
+    #[serde(deserialize_with = "secret::lenient_opt_string")]
+    pub shared_group: Option<String>,
     pub version: MqttVersion,
     pub keep_alive_secs: u64,
     /// false = persistent session, so unacknowledged messages are redelivered.
@@ -306,6 +310,7 @@ impl Default for MqttConfig {
             tls: MqttTlsConfig::default(),
             topics: vec!["sensors/+/telemetry".into()],
             device_id_segment: None,
+            shared_group: None,
             version: MqttVersion::V311,
             keep_alive_secs: 30,
             clean_session: false,
@@ -314,6 +319,21 @@ impl Default for MqttConfig {
             max_packet_bytes: 4 * 1024 * 1024,
             reconnect_min_ms: 200,
             reconnect_max_ms: 10_000,
+        }
+    }
+}
+
+impl MqttConfig {
+    /// What is subscribed: the filters, each under `$share/<group>/` when
+    /// `shared_group` is set (messages still arrive on their real topics).
+    pub fn subscriptions(&self) -> Vec<String> {
+        match &self.shared_group {
+            Some(g) => self
+                .topics
+                .iter()
+                .map(|t| format!("$share/{g}/{t}"))
+                .collect(),
+            None => self.topics.clone(),
         }
     }
 }
@@ -513,6 +533,13 @@ impl GatewayConfig {
                 return bad("mqtt.topics", "needs at least one topic filter");
             }
             for t in &self.mqtt.topics {
+                if t.starts_with("$share/") {
+                    return Err(invalid(
+                        origin,
+                        "mqtt.topics",
+                        format!("{t:?}: give the plain filter and set mqtt.shared_group instead"),
+                    ));
+                }
                 if t.is_empty() || t.split('/').any(|s| s.contains(['+', '#']) && s.len() > 1) {
                     return Err(invalid(
                         origin,
@@ -525,6 +552,14 @@ impl GatewayConfig {
                 && self.mqtt.username.is_none()
             {
                 return bad("mqtt.password", "set mqtt.username too");
+            }
+            if let Some(g) = &self.mqtt.shared_group {
+                if g.is_empty() || g.contains(['/', '+', '#']) {
+                    return bad(
+                        "mqtt.shared_group",
+                        "must be a non-empty name without '/', '+' or '#'",
+                    );
+                }
             }
             if self.mqtt.receive_maximum == 0 {
                 return bad("mqtt.receive_maximum", "must be at least 1");
@@ -1010,6 +1045,31 @@ mod tests {
         let f = file("[mqtt]\nurl = \"http://x\"\n");
         let e = GatewayConfig::load(Some(&f.0)).unwrap_err().to_string();
         assert!(e.contains("mqtt.url"), "{e}");
+    }
+
+    #[test]
+    fn shared_group_wraps_every_filter_and_is_checked() {
+        let f = file("[mqtt]\ntopics = [\"a/+/b\", \"c/+\"]\nshared_group = \"gateways\"\n");
+        let c = GatewayConfig::load(Some(&f.0)).unwrap();
+        assert_eq!(
+            c.mqtt.subscriptions(),
+            vec!["$share/gateways/a/+/b", "$share/gateways/c/+"]
+        );
+        assert_eq!(
+            GatewayConfig::default().mqtt.subscriptions(),
+            vec!["sensors/+/telemetry"]
+        );
+        for bad in ["a/b", "", "g+"] {
+            let f = file(&format!("[mqtt]\nshared_group = {bad:?}\n"));
+            let e = GatewayConfig::load(Some(&f.0)).unwrap_err().to_string();
+            assert!(e.contains("mqtt.shared_group"), "{bad}: {e}");
+        }
+        let f = file("[mqtt]\ntopics = [\"$share/g/sensors/+/telemetry\"]\n");
+        let e = GatewayConfig::load(Some(&f.0)).unwrap_err().to_string();
+        assert!(
+            e.contains("mqtt.topics") && e.contains("shared_group"),
+            "{e}"
+        );
     }
 
     #[test]

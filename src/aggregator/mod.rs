@@ -157,6 +157,10 @@ pub async fn run(
         // keeps the memory for prefetched records in check.
         .set("max.partition.fetch.bytes", "4194304")
         .set("queued.max.messages.kbytes", "16384")
+        // Incremental rebalancing: when an instance joins or dies only the
+        // partitions that move are revoked, so the others keep their devices'
+        // state instead of all starting again from the committed offsets.
+        .set("partition.assignment.strategy", "cooperative-sticky")
         .set("client.id", "iot-aggregator");
     for (k, v) in &cfg.kafka.properties {
         c.set(k, v);

@@ -96,6 +96,10 @@ pub struct DeviceState {
     pub last_ts_ms: i64,
     pub count: u64,
     last_seq: Option<u64>,
+    /// Bit i: seq `last_seq - i` was applied. Readings of one device can reach
+    /// Kafka out of order (gateways sharing a subscription, a spool replay):
+    /// a lower seq not seen yet is new, not a replay.
+    seen: u128,
     /// Open windows, oldest first.
     open: VecDeque<Window>,
     /// Closed windows, oldest first, at most `windows_kept`.
@@ -187,16 +191,33 @@ impl State {
             last_ts_ms: r.ts_ms,
             count: 0,
             last_seq: None,
+            seen: 0,
             open: VecDeque::new(),
             closed: VecDeque::new(),
         });
-        if let (Some(seq), Some(last)) = (r.seq, d.last_seq) {
-            if seq <= last && last - seq <= replay_window {
-                return Outcome::DuplicateSeq;
+        match (r.seq, d.last_seq) {
+            (Some(seq), Some(last)) if seq <= last && last - seq <= replay_window => {
+                let back = last - seq;
+                if back >= u128::BITS as u64 || d.seen & (1 << back) != 0 {
+                    return Outcome::DuplicateSeq;
+                }
+                d.seen |= 1 << back; // late, but new
             }
-        }
-        if r.seq.is_some() {
-            d.last_seq = r.seq;
+            (Some(seq), Some(last)) if seq > last => {
+                let ahead = seq - last;
+                d.seen = if ahead >= u128::BITS as u64 {
+                    0
+                } else {
+                    d.seen << ahead
+                } | 1;
+                d.last_seq = Some(seq);
+            }
+            // First seq, or far below the last one: the device restarted.
+            (Some(seq), _) => {
+                d.seen = 1;
+                d.last_seq = Some(seq);
+            }
+            (None, _) => {}
         }
         d.partition = r.partition;
         d.count += 1;
@@ -392,6 +413,29 @@ mod tests {
         assert_eq!(s.apply(r("b", 1.0, 1.0, 0, Some(1), 9)), Outcome::Applied);
         assert_eq!(s.devices["a"].count, 1);
         assert_eq!(s.devices["b"].count, 3);
+    }
+
+    #[test]
+    fn out_of_order_seqs_count_once_each() {
+        // Two gateways sharing a subscription: 1 3 2 5 4, then repeats of each.
+        let mut s = State::new(AggregationConfig::default());
+        let mut offset = 0;
+        let mut apply = |s: &mut State, seq| {
+            offset += 1;
+            s.apply(r("a", 1.0, 1.0, 0, Some(seq), offset))
+        };
+        for seq in [1, 3, 2, 5, 4] {
+            assert_eq!(apply(&mut s, seq), Outcome::Applied, "seq {seq}");
+        }
+        for seq in [1, 2, 3, 4, 5] {
+            assert_eq!(apply(&mut s, seq), Outcome::DuplicateSeq, "seq {seq}");
+        }
+        // A jump past the 128 remembered seqs forgets them; older ones in the
+        // replay window are then taken for replays.
+        assert_eq!(apply(&mut s, 500), Outcome::Applied);
+        assert_eq!(apply(&mut s, 499), Outcome::Applied);
+        assert_eq!(apply(&mut s, 300), Outcome::DuplicateSeq);
+        assert_eq!(s.devices["a"].count, 7);
     }
 
     #[test]

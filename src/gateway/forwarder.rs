@@ -12,7 +12,8 @@
 //! spool checkpoint once a second; without it, every settled id goes back to
 //! the pipeline, which PUBACKs in arrival order.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,9 +22,10 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::acks::AckEvent;
+use super::delivered::{self, Positions};
 use super::intake::dead_letter;
 use super::kafka::{self, GatewayProducer, Meta, ProducerSlot, Report};
 use super::metrics::{self, GatewayMetrics};
@@ -37,6 +39,10 @@ pub enum Feed {
     Spool {
         reader: SpoolReader,
         spool: Arc<Mutex<Spool>>,
+        /// The spool directory (for the Kafka positions, see `delivered`).
+        dir: PathBuf,
+        /// Records recovery found not yet acknowledged by Kafka.
+        pending: u64,
     },
     /// Spool disabled: (ack id, record) from the pipeline; settled ids go back.
     Memory {
@@ -60,6 +66,8 @@ struct Sent {
     /// Spool disabled: a copy, to send again if the producer is replaced
     /// (with the spool the reader rewinds instead).
     copy: Option<Record>,
+    /// (partition, offset) in the topic, once acknowledged there.
+    at: Option<(i32, i64)>,
 }
 
 pub struct Forwarder {
@@ -79,6 +87,11 @@ pub struct Forwarder {
     checkpointed: u64,
     batch: Vec<Record>,
     settled_ids: Vec<u64>,
+    /// Where the checkpointed prefix ends in each partition (spool only).
+    positions: Positions,
+    positions_changed: bool,
+    /// Values found in Kafka that a resend after a crash must not repeat.
+    in_kafka: HashSet<u64>,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -115,6 +128,34 @@ impl Forwarder {
             checkpointed: 0,
             batch: Vec::with_capacity(READ_BATCH),
             settled_ids: Vec::new(),
+            positions: Positions::new(&cfg.topic),
+            positions_changed: false,
+            in_kafka: HashSet::new(),
+        }
+    }
+
+    /// Before resending after a crash: which of those records Kafka already has.
+    async fn find_delivered(&mut self, dir: &std::path::Path, pending: u64) {
+        self.positions = Positions::load(dir, &self.cfg.topic);
+        if pending == 0 || self.positions.is_empty() {
+            return;
+        }
+        let (cfg, positions) = (self.cfg.clone(), self.positions.clone());
+        // Bounded: what was acknowledged after the last checkpoint (about a
+        // second's worth) plus the in-flight window, and others' records.
+        let found = tokio::task::spawn_blocking(move || {
+            delivered::already_in_kafka(&cfg, &positions, 2_000_000, Duration::from_secs(15))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        match found {
+            Ok(found) => {
+                info!(pending, read = found.len(), "resending what the spool checkpoint does not cover; records Kafka already has are skipped");
+                self.in_kafka = found;
+            }
+            Err(e) => {
+                warn!(pending, error = %e, "could not read the topic to find records Kafka already has (needs Read access); resending all, some may be duplicates")
+            }
         }
     }
 
@@ -131,9 +172,17 @@ impl Forwarder {
         let mut retry_tick = tokio::time::interval(Duration::from_millis(50));
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
         let mut deadline: Option<tokio::time::Instant> = None;
-        let (mut reader, spool, mut memory, settled) = match feed {
-            Feed::Spool { reader, spool } => (Some(reader), Some(spool), None, None),
-            Feed::Memory { rx, settled } => (None, None, Some(rx), Some(settled)),
+        let (mut reader, spool, mut memory, settled, dir) = match feed {
+            Feed::Spool {
+                reader,
+                spool,
+                dir,
+                pending,
+            } => {
+                self.find_delivered(&dir, pending).await;
+                (Some(reader), Some(spool), None, None, Some(dir))
+            }
+            Feed::Memory { rx, settled } => (None, None, Some(rx), Some(settled), None),
         };
         let notify = spool.as_ref().map(|s| lock(s).shared().clone());
         loop {
@@ -161,7 +210,7 @@ impl Forwarder {
                     None => memory = None,
                 },
                 _ = retry_tick.tick(), if !self.retries.is_empty() => self.resend_due(),
-                _ = housekeeping.tick() => self.housekeeping(spool.as_ref()).await?,
+                _ = housekeeping.tick() => self.housekeeping(spool.as_ref(), dir.as_deref()).await?,
                 _ = sleep_until(deadline), if draining => break,
             }
             self.settle(settled.as_ref());
@@ -181,7 +230,7 @@ impl Forwarder {
         if !self.in_flight.is_empty() {
             info!(records = self.in_flight.len(), "stopping with records not yet acknowledged by Kafka; they are sent again after a restart");
         }
-        self.housekeeping(spool.as_ref()).await
+        self.housekeeping(spool.as_ref(), dir.as_deref()).await
     }
 
     /// Hands spool records to Kafka while the window has room.
@@ -198,6 +247,14 @@ impl Forwarder {
             let mut batch = std::mem::take(&mut self.batch);
             for rec in batch.drain(..) {
                 self.start(rec.offset, rec.received_ms, None);
+                if !self.in_kafka.is_empty()
+                    && !rec.dlq
+                    && self.in_kafka.remove(&delivered::fingerprint(&rec.value))
+                {
+                    self.metrics.already_in_kafka();
+                    self.mark(rec.offset, None);
+                    continue;
+                }
                 self.send(rec, 0);
             }
             self.batch = batch;
@@ -214,6 +271,7 @@ impl Forwarder {
             received_ms,
             settled: false,
             copy,
+            at: None,
         });
     }
 
@@ -308,7 +366,7 @@ impl Forwarder {
             return; // from a replaced producer: its records were sent again
         }
         match r.result {
-            Ok(()) => {
+            Ok(at) => {
                 if r.meta.dlq {
                     self.metrics.dead_lettered(r.meta.reason);
                 } else {
@@ -319,7 +377,7 @@ impl Forwarder {
                     self.metrics
                         .delivered(Duration::from_millis(ms.max(0) as u64));
                 }
-                self.mark(r.meta.id);
+                self.mark(r.meta.id, (!r.meta.dlq).then_some(at));
             }
             Err((e, rec)) => self.on_failure(e, rec, r.meta),
         }
@@ -338,7 +396,7 @@ impl Forwarder {
             if rec.dlq || !self.cfg.dlq_enabled {
                 self.metrics
                     .dropped(metrics::KAFKA_REJECTED, &e.to_string());
-                self.mark(meta.id);
+                self.mark(meta.id, None);
             } else {
                 // A valid reading Kafka refused for good (e.g. too large for the
                 // topic): dead-letter it with the broker's reason.
@@ -397,10 +455,11 @@ impl Forwarder {
         }
     }
 
-    /// Marks `id` settled; ids are in order in `in_flight`.
-    fn mark(&mut self, id: u64) {
+    /// Marks `id` settled (at `at` in the topic); ids are in order in `in_flight`.
+    fn mark(&mut self, id: u64, at: Option<(i32, i64)>) {
         if let Ok(i) = self.in_flight.binary_search_by_key(&id, |e| e.id) {
             self.in_flight[i].settled = true;
+            self.in_flight[i].at = at;
             // Without the spool the pipeline acknowledges each id itself.
             if self.in_flight[i].copy.is_some() {
                 self.settled_ids.push(id);
@@ -415,6 +474,10 @@ impl Forwarder {
                 break;
             }
             self.settled_through = Some(s.id + 1);
+            if let Some((p, o)) = s.at {
+                self.positions.note(p, o);
+                self.positions_changed = true;
+            }
             self.in_flight.pop_front();
         }
         if let Some(settled) = settled {
@@ -429,6 +492,7 @@ impl Forwarder {
     async fn housekeeping(
         &mut self,
         spool: Option<&Arc<Mutex<Spool>>>,
+        dir: Option<&std::path::Path>,
     ) -> Result<(), GatewayError> {
         self.metrics
             .kafka_queue_depth
@@ -439,11 +503,21 @@ impl Forwarder {
             return Ok(());
         };
         let through = self.settled_through.filter(|&t| t > self.checkpointed);
+        // After the checkpoint: positions older than it only mean reading more.
+        let positions = (through.is_some() && self.positions_changed)
+            .then(|| self.positions.clone())
+            .zip(dir.map(std::path::Path::to_path_buf));
+        self.positions_changed &= positions.is_none();
         let spool = spool.clone();
         let stats = tokio::task::spawn_blocking(move || {
             let mut s = lock(&spool);
             if let Some(t) = through {
                 s.checkpoint(t)?;
+            }
+            if let Some((p, dir)) = positions {
+                if let Err(e) = p.save(&dir) {
+                    warn!(error = %e, "writing the Kafka positions failed (a crash would resend more)");
+                }
             }
             Ok::<_, std::io::Error>((s.bytes(), s.segments(), s.next_offset() - s.acked()))
         })

@@ -37,7 +37,8 @@ pub struct Meta {
 #[derive(Debug)]
 pub struct Report {
     pub meta: Box<Meta>,
-    pub result: Result<(), (KafkaError, Record)>,
+    /// Where Kafka put it: (partition, offset).
+    pub result: Result<(i32, i64), (KafkaError, Record)>,
 }
 
 /// Forwards delivery reports from librdkafka's polling thread to the pipeline.
@@ -75,7 +76,7 @@ impl ProducerContext for ReportContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, meta: Box<Meta>) {
         let result = match result {
-            Ok(_) => Ok(()),
+            Ok(m) => Ok((m.partition(), m.offset())),
             Err((e, msg)) => Err((
                 e.clone(),
                 Record {
@@ -201,31 +202,41 @@ pub fn is_permanent(e: &KafkaError) -> bool {
 pub enum TopicState {
     Exists {
         partitions: usize,
+        /// Partitions without a leader or with fewer in-sync replicas than
+        /// replicas: a lost broker of a cluster, not an unreachable Kafka.
+        under_replicated: usize,
     },
     Missing,
     /// The broker refuses to describe it to us (ACL).
     NotAuthorized,
 }
 
-/// Asks the cluster about `topic` (blocking; call from `spawn_blocking`).
+/// Asks the cluster about `topic` (blocking; call from `spawn_blocking`);
+/// also returns how many brokers the metadata lists.
 pub fn topic_state<C: ClientContext>(
     client: &rdkafka::client::Client<C>,
     topic: &str,
     timeout: Duration,
-) -> Result<TopicState, KafkaError> {
+) -> Result<(TopicState, usize), KafkaError> {
     let md = client.fetch_metadata(Some(topic), timeout)?;
-    match md.topics().iter().find(|t| t.name() == topic) {
+    let state = match md.topics().iter().find(|t| t.name() == topic) {
         Some(t)
             if t.error().map(RDKafkaErrorCode::from)
                 == Some(RDKafkaErrorCode::TopicAuthorizationFailed) =>
         {
-            Ok(TopicState::NotAuthorized)
+            TopicState::NotAuthorized
         }
-        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(TopicState::Exists {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => TopicState::Exists {
             partitions: t.partitions().len(),
-        }),
-        _ => Ok(TopicState::Missing),
-    }
+            under_replicated: t
+                .partitions()
+                .iter()
+                .filter(|p| p.leader() < 0 || p.isr().len() < p.replicas().len())
+                .count(),
+        },
+        _ => TopicState::Missing,
+    };
+    Ok((state, md.brokers().len()))
 }
 
 /// Creates topics with the configured partitions and replication.

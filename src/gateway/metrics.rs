@@ -33,6 +33,8 @@ pub struct GatewayMetrics {
     seq_repeats: IntCounter,
     pub kafka_queue_depth: IntGauge,
     pub kafka_reachable: IntGauge,
+    pub kafka_brokers: IntGauge,
+    pub kafka_under_replicated: IntGauge,
     ready: IntGauge,
     producer_recreated: IntCounter,
     spool: SpoolMetrics,
@@ -57,6 +59,7 @@ struct SpoolMetrics {
     checkpoint_invalid: IntCounter,
     quarantined: IntCounter,
     duplicates: IntCounter,
+    already_in_kafka: IntCounter,
 }
 
 impl std::fmt::Debug for GatewayMetrics {
@@ -219,6 +222,11 @@ impl GatewayMetrics {
                 "gateway_spool_duplicates_skipped_total",
                 "Readings not spooled again: same device, seq and ts as one spooled recently (MQTT redelivery, retained message).",
             ),
+            already_in_kafka: counter(
+                &r,
+                "gateway_spool_already_in_kafka_total",
+                "Spooled readings not sent again after a crash because Kafka already had them.",
+            ),
         };
         GatewayMetrics {
             security: crate::security::SecurityStatus::new(&r, "gateway"),
@@ -292,6 +300,16 @@ impl GatewayMetrics {
                 &r,
                 "gateway_kafka_reachable",
                 "1 when the last Kafka metadata request succeeded.",
+            ),
+            kafka_brokers: gauge(
+                &r,
+                "gateway_kafka_brokers",
+                "Brokers listed by the last Kafka metadata response (a cluster that lost one still answers).",
+            ),
+            kafka_under_replicated: gauge(
+                &r,
+                "gateway_kafka_under_replicated_partitions",
+                "Partitions of our topics without a leader or with fewer in-sync replicas than replicas.",
             ),
             ready: gauge(
                 &r,
@@ -410,6 +428,10 @@ impl GatewayMetrics {
         self.spool.segments.set(segments as i64);
         self.spool.records.set(records as i64);
         self.spool.oldest_age.set(oldest_age_secs);
+    }
+
+    pub fn already_in_kafka(&self) {
+        self.spool.already_in_kafka.inc();
     }
 
     pub fn duplicate_skipped(&self, device: &[u8], seq: u64) {

@@ -15,6 +15,7 @@
 
 pub mod acks;
 pub mod dedup;
+pub mod delivered;
 pub mod forwarder;
 pub mod intake;
 pub mod kafka;
@@ -89,6 +90,7 @@ struct OpenSpool {
     spool: Arc<Mutex<Spool>>,
     reader: spool::SpoolReader,
     recent: Recent,
+    pending: u64,
 }
 
 fn open_spool(cfg: &GatewayConfig, metrics: &GatewayMetrics) -> Result<OpenSpool, GatewayError> {
@@ -113,6 +115,7 @@ fn open_spool(cfg: &GatewayConfig, metrics: &GatewayMetrics) -> Result<OpenSpool
         spool: Arc::new(Mutex::new(spool)),
         reader,
         recent,
+        pending: rec.pending_records,
     })
 }
 
@@ -209,6 +212,8 @@ pub async fn run_with_reload(
             let feed = Feed::Spool {
                 reader: o.reader,
                 spool: o.spool,
+                dir: cfg.spool.dir.clone(),
+                pending: o.pending,
             };
             (Out::Spool(writer, Vec::new()), feed, Some(o.recent))
         }
@@ -243,8 +248,12 @@ pub async fn run_with_reload(
         topic = %cfg.kafka.topic,
         mode = ?cfg.kafka.delivery_mode,
         spool = spool_mode,
+        shared_group = cfg.mqtt.shared_group.as_deref().unwrap_or("(none)"),
         "gateway running"
     );
+    if cfg.mqtt.shared_group.is_some() {
+        info!("shared subscription: this gateway gets a share of each device's readings, so it does not count sequence gaps (the aggregator does)");
+    }
     let mut pipeline = Pipeline::new(&cfg, metrics.clone(), out, recent);
     pipeline.limits = Some(limits_rx);
     let acker = mqtt.as_ref().map(|m| m.acker.clone());
@@ -533,7 +542,9 @@ impl Pipeline {
                     self.metrics.duplicate_skipped(key, r.seq.unwrap_or(0));
                     None
                 } else {
-                    if let Some(seq) = r.seq {
+                    // With a shared subscription this gateway sees only some of
+                    // each device's readings: gaps are for the aggregator to count.
+                    if let (Some(seq), None) = (r.seq, &self.cfg.mqtt.shared_group) {
                         let device = String::from_utf8_lossy(key);
                         match self.seqs.observe(&device, seq) {
                             SeqOutcome::Gap(n) => self.metrics.seq_gap(&device, n),

@@ -274,7 +274,7 @@ async fn event_loop(
                 metrics.security.cleared("mqtt", &SecurityKind::CONNECTION);
                 // A new connection: the broker redelivers whatever was not acked.
                 let _ = tx.send(SourceEvent::Connected);
-                acker.subscribe_all(&cfg.topics);
+                acker.subscribe_all(&cfg.subscriptions());
             }
             Ok(Polled::Publish(msg)) => {
                 if tx.send(SourceEvent::Message(msg)).is_err() {
@@ -288,7 +288,7 @@ async fn event_loop(
                     format!(
                         "{} refused {refused} of the subscriptions {:?} for user {} (check the broker's ACL)",
                         cfg.url,
-                        cfg.topics,
+                        cfg.subscriptions(),
                         cfg.username.as_deref().unwrap_or("(none)")
                     ),
                 );

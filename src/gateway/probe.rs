@@ -12,7 +12,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::Producer;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::kafka::{self, GatewayProducer, TopicState};
 use super::metrics::GatewayMetrics;
@@ -39,7 +39,7 @@ pub async fn check_topics(
     loop {
         looks += 1;
         match topics_state(cfg, producer.clone(), Duration::from_secs(5)).await {
-            Ok(Topics::Ready) => {
+            Ok(Topics::Ready { .. }) => {
                 metrics.kafka_reachable.set(1);
                 return Ok(());
             }
@@ -81,7 +81,12 @@ async fn create_topics(cfg: &GatewayConfig) -> Result<(), String> {
 /// What the cluster says about our topics.
 #[derive(Debug, PartialEq, Eq)]
 enum Topics {
-    Ready,
+    /// Every topic exists; the brokers listed, and the partitions (of all our
+    /// topics) that lack a leader or an in-sync replica.
+    Ready {
+        brokers: usize,
+        under_replicated: usize,
+    },
     Missing(String),
     /// Our principal may not describe it (a missing ACL).
     Denied(String),
@@ -97,14 +102,22 @@ async fn topics_state(
         topics.push(cfg.kafka.dlq_topic.clone());
     }
     tokio::task::spawn_blocking(move || {
+        let (mut brokers, mut under) = (0, 0);
         for t in topics {
-            match kafka::topic_state(producer.client(), &t, timeout)? {
+            let (state, listed) = kafka::topic_state(producer.client(), &t, timeout)?;
+            brokers = listed;
+            match state {
                 TopicState::Missing => return Ok(Topics::Missing(t)),
                 TopicState::NotAuthorized => return Ok(Topics::Denied(t)),
-                TopicState::Exists { .. } => {}
+                TopicState::Exists {
+                    under_replicated, ..
+                } => under += under_replicated,
             }
         }
-        Ok(Topics::Ready)
+        Ok(Topics::Ready {
+            brokers,
+            under_replicated: under,
+        })
     })
     .await
     .unwrap_or(Err(KafkaError::Canceled))
@@ -123,6 +136,15 @@ fn not_authorized(cfg: &GatewayConfig, metrics: &GatewayMetrics, topic: &str) {
 pub fn not_authorized_message(cfg: &crate::config::KafkaConfig, topic: &str) -> String {
     let user = cfg.security().user().unwrap_or("(none)").to_string();
     format!("Kafka: user {user} is not authorized for topic {topic} (it needs Write and Describe); the readings wait")
+}
+
+const WEDGED: &str = "Kafka answers a new client but not the producer's (it stopped reconnecting)";
+
+async fn answers_a_new_client(cfg: &GatewayConfig) -> bool {
+    let kcfg = cfg.kafka.clone();
+    tokio::task::spawn_blocking(move || kafka::fresh_client_reaches(&kcfg, Duration::from_secs(3)))
+        .await
+        .unwrap_or(false)
 }
 
 /// When to call a producer wedged (pure; the probe feeds it).
@@ -206,18 +228,53 @@ pub async fn probe_kafka(
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
-        let state = topics_state(&cfg, producer, Duration::from_secs(3)).await;
         let was = metrics.kafka_reachable.get() == 1;
+        let state = topics_state(&cfg, producer, Duration::from_secs(3)).await;
+        // The producer's own connections can be busy rather than cut off: with
+        // acks=all its requests wait while a dead cluster node is still in the
+        // ISR, and the metadata request queues behind them. If a new client
+        // gets an answer, Kafka is reachable (one lost broker of three is not
+        // a "down" to page anyone about).
+        let busy = state.is_err() && was && answers_a_new_client(&cfg).await;
         if state.is_ok() {
             wedge.reachable();
         }
         match state {
-            Ok(Topics::Ready) => {
+            Err(e) if busy => {
+                debug!(error = %e, "the producer's metadata request failed, a new client's did not");
+                if wedge.unreachable(Instant::now()) && wedge.fresh_client(Instant::now(), true) {
+                    let _ = recreate.try_send(WEDGED.into());
+                }
+            }
+            Ok(Topics::Ready {
+                brokers,
+                under_replicated,
+            }) => {
                 missing_probes = 0;
                 if !was {
                     info!(servers = %cfg.kafka.bootstrap_servers, "Kafka reachable");
                 }
                 metrics.kafka_reachable.set(1);
+                let (was_brokers, was_under) = (
+                    metrics.kafka_brokers.get(),
+                    metrics.kafka_under_replicated.get(),
+                );
+                if was_brokers > 0 && (brokers as i64) < was_brokers {
+                    warn!(
+                        brokers,
+                        before = was_brokers,
+                        "a Kafka broker left the cluster; producing through the others"
+                    );
+                } else if (brokers as i64) > was_brokers && was_brokers > 0 {
+                    info!(brokers, "a Kafka broker joined the cluster");
+                }
+                if under_replicated > 0 && was_under == 0 {
+                    warn!(under_replicated, "partitions without a leader or with missing in-sync replicas; acks may wait (min.insync.replicas)");
+                } else if under_replicated == 0 && was_under > 0 {
+                    info!("every partition fully replicated again");
+                }
+                metrics.kafka_brokers.set(brokers as i64);
+                metrics.kafka_under_replicated.set(under_replicated as i64);
                 // An ACL problem with readings waiting is cleared by their
                 // delivery (the forwarder): describing a topic is not writing it.
                 let waiting = metrics.in_flight.get() > 0;
@@ -255,17 +312,9 @@ pub async fn probe_kafka(
                 }
                 metrics.kafka_reachable.set(0);
                 if wedge.unreachable(Instant::now()) {
-                    let kcfg = cfg.kafka.clone();
-                    let fresh = tokio::task::spawn_blocking(move || {
-                        kafka::fresh_client_reaches(&kcfg, Duration::from_secs(5))
-                    })
-                    .await
-                    .unwrap_or(false);
+                    let fresh = answers_a_new_client(&cfg).await;
                     if wedge.fresh_client(Instant::now(), fresh) {
-                        let _ = recreate.try_send(
-                            "Kafka answers a new client but not the producer's (it stopped reconnecting)"
-                                .into(),
-                        );
+                        let _ = recreate.try_send(WEDGED.into());
                     }
                 }
             }

@@ -109,8 +109,19 @@ pub async fn create_topic_in(
     partitions: i32,
     configs: &[(&str, &str)],
 ) {
+    create_replicated_topic_in(base, name, partitions, 1, configs).await
+}
+
+/// [`create_topic_in`] with `replicas` copies of each partition (a cluster).
+pub async fn create_replicated_topic_in(
+    base: ClientConfig,
+    name: &str,
+    partitions: i32,
+    replicas: i32,
+    configs: &[(&str, &str)],
+) {
     let admin: AdminClient<DefaultClientContext> = base.create().expect("admin client");
-    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(replicas));
     for (k, v) in configs {
         topic = topic.set(k, v);
     }
