@@ -62,18 +62,7 @@ impl Agg {
 
     /// Device id -> count, from the JSON API.
     fn device_counts(&self) -> BTreeMap<String, u64> {
-        let (_, v) = self.json("/api/devices");
-        v["devices"]
-            .as_array()
-            .expect("devices")
-            .iter()
-            .map(|d| {
-                (
-                    d["device_id"].as_str().expect("id").to_string(),
-                    d["count"].as_u64().expect("count"),
-                )
-            })
-            .collect()
+        common::device_counts(&self.http)
     }
 
     async fn wait_for(&mut self, what: &str, mut f: impl FnMut(&Agg) -> bool) {

@@ -166,6 +166,17 @@ fn gateway(
     Gateway { child, http }
 }
 
+/// A fresh topic (and DLQ) on the cluster and one gateway on it, ready.
+async fn topic_and_gateway(c: &Cluster, label: &str) -> (String, PathBuf, Gateway) {
+    let name = common::unique_name(label);
+    let dir = common::test_dir(&name);
+    c.create_topic(&name, 6).await;
+    c.create_topic(&format!("{name}.dlq"), 1).await;
+    let mut gw = gateway(c, &dir, "gateway", &format!("gw-{name}"), &name, &name, &[]);
+    gw.wait_ready().await;
+    (name, dir, gw)
+}
+
 impl Gateway {
     async fn wait_ready(&mut self) {
         let http = self.http.clone();
@@ -292,20 +303,7 @@ async fn a_leader_killed_mid_stream_loses_nothing_and_keeps_the_order() {
     let _turn = ONE_AT_A_TIME.lock().await;
     common::require_mqtt();
     let c = Cluster::require().await;
-    let name = common::unique_name("cluster-failover");
-    let dir = common::test_dir(&name);
-    c.create_topic(&name, 6).await;
-    c.create_topic(&format!("{name}.dlq"), 1).await;
-    let mut gw = gateway(
-        &c,
-        &dir,
-        "gateway",
-        &format!("gw-{name}"),
-        &name,
-        &name,
-        &[],
-    );
-    gw.wait_ready().await;
+    let (name, dir, mut gw) = topic_and_gateway(&c, "cluster-failover").await;
     // 500 devices x 10 readings/s: ~5,000 readings/s for 60 s.
     let mut sim = simulator(&dir, "sent", &name, 500, 10, "60s");
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -374,14 +372,7 @@ async fn a_leader_killed_mid_stream_loses_nothing_and_keeps_the_order() {
         "nothing dead-lettered: {} records",
         dlq.len()
     );
-    assert_eq!(
-        gw.child
-            .terminate(Duration::from_secs(20))
-            .map(|s| s.code()),
-        Some(Some(0)),
-        "log:\n{}",
-        gw.child.log_text()
-    );
+    gw.child.stop_cleanly(Duration::from_secs(20));
 }
 
 /// One node of three left: below min.insync.replicas (and the KRaft quorum),
@@ -392,20 +383,7 @@ async fn below_min_insync_replicas_readings_wait_and_all_arrive_when_a_node_retu
     let _turn = ONE_AT_A_TIME.lock().await;
     common::require_mqtt();
     let c = Cluster::require().await;
-    let name = common::unique_name("cluster-min-isr");
-    let dir = common::test_dir(&name);
-    c.create_topic(&name, 6).await;
-    c.create_topic(&format!("{name}.dlq"), 1).await;
-    let mut gw = gateway(
-        &c,
-        &dir,
-        "gateway",
-        &format!("gw-{name}"),
-        &name,
-        &name,
-        &[],
-    );
-    gw.wait_ready().await;
+    let (name, dir, mut gw) = topic_and_gateway(&c, "cluster-min-isr").await;
     let mut sim = simulator(&dir, "sent", &name, 100, 10, "50s");
     tokio::time::sleep(Duration::from_secs(5)).await;
     c.stack(&["kill", "kafka-2"]);
@@ -441,14 +419,7 @@ async fn below_min_insync_replicas_readings_wait_and_all_arrive_when_a_node_retu
     .await;
     assert!(drained, "spool drained");
     c.stack(&["up", "kafka-3"]);
-    assert_eq!(
-        gw.child
-            .terminate(Duration::from_secs(20))
-            .map(|s| s.code()),
-        Some(Some(0)),
-        "log:\n{}",
-        gw.child.log_text()
-    );
+    gw.child.stop_cleanly(Duration::from_secs(20));
 }
 
 struct Aggregator {
@@ -485,23 +456,8 @@ impl Aggregator {
             .unwrap_or(0.0)
     }
 
-    /// Device -> count, from the JSON API.
     fn counts(&self) -> BTreeMap<String, u64> {
-        let Ok((200, body)) = common::http_get(&self.http, "/api/devices") else {
-            return BTreeMap::new();
-        };
-        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-        v["devices"]
-            .as_array()
-            .expect("devices")
-            .iter()
-            .map(|d| {
-                (
-                    d["device_id"].as_str().expect("id").to_string(),
-                    d["count"].as_u64().expect("count"),
-                )
-            })
-            .collect()
+        common::device_counts(&self.http)
     }
 }
 
@@ -646,12 +602,7 @@ async fn an_aggregator_killed_in_a_group_of_three_hands_over_without_double_coun
         6.0
     );
     for mut a in aggs {
-        assert_eq!(
-            a.child.terminate(Duration::from_secs(20)).map(|s| s.code()),
-            Some(Some(0)),
-            "log:\n{}",
-            a.child.log_text()
-        );
+        a.child.stop_cleanly(Duration::from_secs(20));
     }
 }
 
@@ -699,11 +650,6 @@ async fn two_gateways_sharing_a_subscription_deliver_every_reading_once_through_
         "both gateways carried a share"
     );
     for mut g in [a, b] {
-        assert_eq!(
-            g.child.terminate(Duration::from_secs(20)).map(|s| s.code()),
-            Some(Some(0)),
-            "log:\n{}",
-            g.child.log_text()
-        );
+        g.child.stop_cleanly(Duration::from_secs(20));
     }
 }

@@ -126,18 +126,29 @@ pub fn already_in_kafka(
         return Ok(found);
     }
     consumer.assign(&tpl).map_err(|e| e.to_string())?;
-    let mut read = 0usize;
+    let (mut read, mut last_error) = (0usize, None);
     while !ends.is_empty() {
         if Instant::now() >= deadline || read >= max {
             return Err(format!(
-                "read {read} records in {timeout:?}, partitions {:?} not to their end",
-                ends.keys().collect::<Vec<_>>()
+                "read {read} records in {timeout:?}, partitions {:?} not to their end{}",
+                ends.keys().collect::<Vec<_>>(),
+                last_error
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default()
             ));
         }
         let Some(m) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
-        let m = m.map_err(|e| e.to_string())?;
+        // Errors are not the end: e.g. a principal without group access gets
+        // "group authorization failed" once and still fetches its partitions.
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => {
+                last_error = Some(e.to_string());
+                continue;
+            }
+        };
         read += 1;
         if let Some(v) = m.payload() {
             found.insert(fingerprint(v));

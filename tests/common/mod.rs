@@ -366,6 +366,27 @@ pub async fn consume_in(
     out
 }
 
+/// Device id -> count from an aggregator's `/api/devices` at `http` (empty
+/// while it does not answer).
+pub fn device_counts(http: &str) -> std::collections::BTreeMap<String, u64> {
+    let Ok((200, body)) = http_get(http, "/api/devices") else {
+        return Default::default();
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/api/devices: {e}: {body}"));
+    v["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| {
+            (
+                d["device_id"].as_str().expect("id").to_string(),
+                d["count"].as_u64().expect("count"),
+            )
+        })
+        .collect()
+}
+
 /// Header value as text (the gateway's own helper).
 pub fn header<'a>(m: &'a rdkafka::message::OwnedMessage, name: &str) -> Option<&'a str> {
     use rdkafka::Message;
@@ -394,6 +415,12 @@ impl Child {
             std::thread::sleep(Duration::from_millis(50));
         }
         None
+    }
+
+    /// SIGTERM; asserts exit code 0 within `wait` (showing the log if not).
+    pub fn stop_cleanly(&mut self, wait: Duration) {
+        let code = self.terminate(wait).map(|s| s.code());
+        assert_eq!(code, Some(Some(0)), "log:\n{}", self.log_text());
     }
 
     pub fn log_text(&self) -> String {
