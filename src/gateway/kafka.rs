@@ -2,6 +2,8 @@
 //! pipeline as events (many records in flight, reports handled as they come),
 //! topic checks at start-up, and a periodic reachability probe.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -47,9 +49,41 @@ pub struct ReportContext {
     tx: mpsc::UnboundedSender<Report>,
     /// Where TLS and login failures are reported (with the SASL user).
     security: Option<(SecurityStatus, Option<String>)>,
+    /// Connections to cluster nodes that are up, from librdkafka's statistics
+    /// (every 2 s); -1 before the first.
+    brokers_up: AtomicI64,
+}
+
+impl ReportContext {
+    /// See `brokers_up`: a producer with connections up that gets no answer
+    /// is waiting for acknowledgements, not wedged.
+    pub fn brokers_up(&self) -> i64 {
+        self.brokers_up.load(Ordering::Relaxed)
+    }
 }
 
 impl ClientContext for ReportContext {
+    fn stats_raw(&self, raw: &[u8]) {
+        // Only what we use: the broker states, not the whole statistics tree.
+        #[derive(serde::Deserialize)]
+        struct Stats {
+            brokers: HashMap<String, Broker>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Broker {
+            nodeid: i32,
+            state: String,
+        }
+        if let Ok(s) = serde_json::from_slice::<Stats>(raw) {
+            let up = s
+                .brokers
+                .values()
+                .filter(|b| b.nodeid >= 0 && b.state == "UP")
+                .count();
+            self.brokers_up.store(up as i64, Ordering::Relaxed);
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if let Some((status, user)) = &self.security {
             if let Some((kind, message)) =
@@ -147,7 +181,9 @@ pub fn producer(
             "queue.buffering.max.messages",
             (cfg.max_in_flight.max(1000) * 2 + 1000).to_string(),
         )
-        .set("client.id", "iot-gateway");
+        .set("client.id", "iot-gateway")
+        // Broker connection states for the probe (see ReportContext::brokers_up).
+        .set("statistics.interval.ms", "2000");
     // librdkafka's own log reaches ours (at debug level); rdkafka would set its
     // level from the unused `log` crate, i.e. errors only. With a `debug`
     // property set, everything it says.
@@ -167,6 +203,7 @@ pub fn producer(
     c.create_with_context(ReportContext {
         tx,
         security: Some((security, user)),
+        brokers_up: AtomicI64::new(-1),
     })
 }
 

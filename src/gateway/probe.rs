@@ -229,6 +229,7 @@ pub async fn probe_kafka(
             continue;
         }
         let was = metrics.kafka_reachable.get() == 1;
+        let connected = producer.context().brokers_up() > 0;
         let state = topics_state(&cfg, producer, Duration::from_secs(3)).await;
         // The producer's own connections can be busy rather than cut off: with
         // acks=all its requests wait while a dead cluster node is still in the
@@ -241,8 +242,15 @@ pub async fn probe_kafka(
         }
         match state {
             Err(e) if busy => {
-                debug!(error = %e, "the producer's metadata request failed, a new client's did not");
-                if wedge.unreachable(Instant::now()) && wedge.fresh_client(Instant::now(), true) {
+                debug!(error = %e, connected, "the producer's metadata request failed, a new client's did not");
+                if connected {
+                    // Its connections are up: waiting for acknowledgements
+                    // (e.g. below min.insync.replicas). Replacing it would
+                    // send again what Kafka may still commit: duplicates.
+                    wedge.reachable();
+                } else if wedge.unreachable(Instant::now())
+                    && wedge.fresh_client(Instant::now(), true)
+                {
                     let _ = recreate.try_send(WEDGED.into());
                 }
             }
@@ -311,7 +319,9 @@ pub async fn probe_kafka(
                     warn!(servers = %cfg.kafka.bootstrap_servers, error = %e, "Kafka not reachable; holding readings until it is back");
                 }
                 metrics.kafka_reachable.set(0);
-                if wedge.unreachable(Instant::now()) {
+                if connected {
+                    wedge.reachable(); // waiting on live connections, see above
+                } else if wedge.unreachable(Instant::now()) {
                     let fresh = answers_a_new_client(&cfg).await;
                     if wedge.fresh_client(Instant::now(), fresh) {
                         let _ = recreate.try_send(WEDGED.into());
