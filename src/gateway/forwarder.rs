@@ -90,8 +90,10 @@ pub struct Forwarder {
     /// Where the checkpointed prefix ends in each partition (spool only).
     positions: Positions,
     positions_changed: bool,
-    /// Values found in Kafka that a resend after a crash must not repeat.
+    /// Values found in Kafka that a resend after a crash must not repeat...
     in_kafka: HashSet<u64>,
+    /// ...among this many records still to be read again (then it is dropped).
+    replay_left: u64,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -131,6 +133,7 @@ impl Forwarder {
             positions: Positions::new(&cfg.topic),
             positions_changed: false,
             in_kafka: HashSet::new(),
+            replay_left: 0,
         }
     }
 
@@ -142,9 +145,10 @@ impl Forwarder {
         }
         let (cfg, positions) = (self.cfg.clone(), self.positions.clone());
         // Bounded: what was acknowledged after the last checkpoint (about a
-        // second's worth) plus the in-flight window, and others' records.
+        // second's worth) plus the in-flight window, and others' records; a
+        // set of 8-byte fingerprints, at most a few MiB, dropped after the resend.
         let found = tokio::task::spawn_blocking(move || {
-            delivered::already_in_kafka(&cfg, &positions, 2_000_000, Duration::from_secs(15))
+            delivered::already_in_kafka(&cfg, &positions, 500_000, Duration::from_secs(15))
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
@@ -152,6 +156,7 @@ impl Forwarder {
             Ok(found) => {
                 info!(pending, read = found.len(), "resending what the spool checkpoint does not cover; records Kafka already has are skipped");
                 self.in_kafka = found;
+                self.replay_left = pending;
             }
             Err(e) => {
                 warn!(pending, error = %e, "could not read the topic to find records Kafka already has (needs Read access); resending all, some may be duplicates")
@@ -247,9 +252,12 @@ impl Forwarder {
             let mut batch = std::mem::take(&mut self.batch);
             for rec in batch.drain(..) {
                 self.start(rec.offset, rec.received_ms, None);
-                if !self.in_kafka.is_empty()
-                    && !rec.dlq
-                    && self.in_kafka.remove(&delivered::fingerprint(&rec.value))
+                if self.replay_left == 0 && !self.in_kafka.is_empty() {
+                    self.in_kafka = HashSet::new(); // past the resent records
+                }
+                let replayed = self.replay_left > 0;
+                self.replay_left = self.replay_left.saturating_sub(1);
+                if replayed && !rec.dlq && self.in_kafka.remove(&delivered::fingerprint(&rec.value))
                 {
                     self.metrics.already_in_kafka();
                     self.mark(rec.offset, None);
