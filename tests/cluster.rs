@@ -147,19 +147,16 @@ fn gateway(
     extra: &[(&str, String)],
 ) -> Gateway {
     let http = format!("127.0.0.1:{}", common::free_port());
-    let mut env = vec![
-        ("GATEWAY__MQTT__URL", common::mqtt_broker()),
-        ("GATEWAY__MQTT__CLIENT_ID", client_id.to_string()),
-        ("GATEWAY__MQTT__TOPICS", format!("{prefix}/+/telemetry")),
-        ("GATEWAY__KAFKA__BOOTSTRAP_SERVERS", c.bootstrap.clone()),
-        ("GATEWAY__KAFKA__TOPIC", topic.to_string()),
-        ("GATEWAY__KAFKA__DLQ_TOPIC", format!("{topic}.dlq")),
-        ("GATEWAY__HTTP__LISTEN", http.clone()),
-        (
-            "GATEWAY__SPOOL__DIR",
-            dir.join(format!("spool-{client_id}")).display().to_string(),
-        ),
-    ];
+    let mut env = common::GatewayEnv {
+        kafka: &c.bootstrap,
+        client_id,
+        prefix,
+        topic,
+        dlq: &format!("{topic}.dlq"),
+        http: &http,
+        spool: &dir.join(format!("spool-{client_id}")),
+    }
+    .vars();
     env.extend(extra.iter().cloned());
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/gateway.toml");
     let child = common::spawn(GATEWAY, &["run", "--config", config], &env, dir, log);

@@ -180,22 +180,16 @@ async fn arm64_gateway_runs_under_qemu_and_delivers() {
                 .to_str()
                 .expect("path"),
         ],
-        &[
-            ("GATEWAY__MQTT__URL", common::mqtt_broker()),
-            ("GATEWAY__MQTT__CLIENT_ID", name.clone()),
-            ("GATEWAY__MQTT__TOPICS", format!("{name}/+/telemetry")),
-            (
-                "GATEWAY__KAFKA__BOOTSTRAP_SERVERS",
-                common::kafka_bootstrap(),
-            ),
-            ("GATEWAY__KAFKA__TOPIC", topic.clone()),
-            ("GATEWAY__KAFKA__DLQ_TOPIC", dlq.clone()),
-            ("GATEWAY__HTTP__LISTEN", http.clone()),
-            (
-                "GATEWAY__SPOOL__DIR",
-                dir.join("spool").display().to_string(),
-            ),
-        ],
+        &common::GatewayEnv {
+            kafka: &common::kafka_bootstrap(),
+            client_id: &name,
+            prefix: &name,
+            topic: &topic,
+            dlq: &dlq,
+            http: &http,
+            spool: &dir.join("spool"),
+        }
+        .vars(),
         &dir,
         "gateway-arm64",
     );

@@ -106,22 +106,16 @@ async fn every_dashboard_query_returns_data_and_no_alert_fires() {
             "--config",
             root.join("configs/gateway.toml").to_str().expect("path"),
         ],
-        &[
-            ("GATEWAY__MQTT__URL", common::mqtt_broker()),
-            ("GATEWAY__MQTT__CLIENT_ID", name.clone()),
-            ("GATEWAY__MQTT__TOPICS", format!("{name}/+/telemetry")),
-            (
-                "GATEWAY__KAFKA__BOOTSTRAP_SERVERS",
-                common::kafka_bootstrap(),
-            ),
-            ("GATEWAY__KAFKA__TOPIC", topic.clone()),
-            ("GATEWAY__KAFKA__DLQ_TOPIC", dlq.clone()),
-            ("GATEWAY__HTTP__LISTEN", format!("127.0.0.1:{gw_port}")),
-            (
-                "GATEWAY__SPOOL__DIR",
-                dir.join("spool").display().to_string(),
-            ),
-        ],
+        &common::GatewayEnv {
+            kafka: &common::kafka_bootstrap(),
+            client_id: &name,
+            prefix: &name,
+            topic: &topic,
+            dlq: &dlq,
+            http: &format!("127.0.0.1:{gw_port}"),
+            spool: &dir.join("spool"),
+        }
+        .vars(),
         &dir,
         "gateway",
     );

@@ -487,6 +487,37 @@ pub fn spawn(
     Child { child, log }
 }
 
+/// Where a test's gateway reads, writes and listens.
+pub struct GatewayEnv<'a> {
+    pub kafka: &'a str,
+    pub client_id: &'a str,
+    /// Reads `<prefix>/+/telemetry` from [`mqtt_broker`].
+    pub prefix: &'a str,
+    pub topic: &'a str,
+    pub dlq: &'a str,
+    pub http: &'a str,
+    pub spool: &'a std::path::Path,
+}
+
+impl GatewayEnv<'_> {
+    /// The `GATEWAY__*` variables for it.
+    pub fn vars(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("GATEWAY__MQTT__URL", mqtt_broker()),
+            ("GATEWAY__MQTT__CLIENT_ID", self.client_id.to_string()),
+            (
+                "GATEWAY__MQTT__TOPICS",
+                format!("{}/+/telemetry", self.prefix),
+            ),
+            ("GATEWAY__KAFKA__BOOTSTRAP_SERVERS", self.kafka.to_string()),
+            ("GATEWAY__KAFKA__TOPIC", self.topic.to_string()),
+            ("GATEWAY__KAFKA__DLQ_TOPIC", self.dlq.to_string()),
+            ("GATEWAY__HTTP__LISTEN", self.http.to_string()),
+            ("GATEWAY__SPOOL__DIR", self.spool.display().to_string()),
+        ]
+    }
+}
+
 /// Polls `f` every 100 ms until it returns true or `timeout` passes.
 pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + timeout;
