@@ -166,9 +166,27 @@ pub struct GatewayConfig {
     pub kafka: KafkaConfig,
     pub spool: SpoolConfig,
     pub validation: Limits,
+    pub tracking: TrackingConfig,
     pub http: HttpConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
+}
+
+/// `[tracking]`: per-device state of the gateway (the last `seq`, for gap counts).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackingConfig {
+    /// Devices tracked at most; past it the least recently seen are forgotten
+    /// (counted in gateway_devices_evicted_total), so invented ids cost no memory.
+    pub max_devices: usize,
+}
+
+impl Default for TrackingConfig {
+    fn default() -> Self {
+        TrackingConfig {
+            max_devices: 100_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -579,6 +597,9 @@ impl GatewayConfig {
                 );
             }
         }
+        if self.tracking.max_devices == 0 {
+            return bad("tracking.max_devices", "must be at least 1");
+        }
         if !self.mqtt.enabled && self.simulate.devices == 0 {
             return bad(
                 "simulate.devices",
@@ -961,6 +982,9 @@ impl AggregatorConfig {
         let a = &self.aggregation;
         if a.window_secs == 0 {
             return bad("aggregation.window_secs", "must be at least 1");
+        }
+        if a.max_devices == 0 {
+            return bad("aggregation.max_devices", "must be at least 1");
         }
         if a.windows_kept == 0 {
             return bad("aggregation.windows_kept", "must be at least 1");

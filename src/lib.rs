@@ -26,6 +26,7 @@ pub const VERSION: &str = concat!(
 pub mod aggregator;
 pub mod cli;
 pub mod config;
+pub mod devices;
 pub mod fleet;
 pub mod gateway;
 pub mod http;

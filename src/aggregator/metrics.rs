@@ -25,6 +25,7 @@ pub struct AggregatorMetrics {
     pub consume_errors: IntCounter,
     applied: IntCounter,
     late: IntCounter,
+    evicted: IntCounter,
     skipped: HashMap<&'static str, IntCounter>,
     temperature: Histogram,
     humidity: Histogram,
@@ -110,6 +111,14 @@ impl AggregatorMetrics {
                 )
                 .expect("valid metric"),
             ),
+            evicted: reg(
+                &r,
+                IntCounter::new(
+                    "aggregator_devices_evicted_total",
+                    "Devices forgotten because aggregation.max_devices was reached (least recently seen first).",
+                )
+                .expect("valid metric"),
+            ),
             skipped,
             temperature: reg(
                 &r,
@@ -172,6 +181,20 @@ impl AggregatorMetrics {
         }
         self.temperature.observe(temperature);
         self.humidity.observe(humidity);
+    }
+
+    /// `evicted`: the state's total since the start; logged the first time.
+    pub fn devices_evicted(&self, evicted: u64, max: usize) {
+        let before = self.evicted.get();
+        if evicted > before {
+            if before == 0 {
+                tracing::warn!(
+                    max_devices = max,
+                    "more devices than aggregation.max_devices: the least recently seen are forgotten from now on (aggregator_devices_evicted_total)"
+                );
+            }
+            self.evicted.inc_by(evicted - before);
+        }
     }
 
     pub fn applied_count(&self) -> u64 {

@@ -335,6 +335,7 @@ fn apply_batch(shared: &Shared, batch: &mut [(i32, i64, Parsed)], stored: &mut H
             Outcome::DuplicateSeq => m.skipped("duplicate_seq"),
         }
     }
+    m.devices_evicted(state.devices.evicted(), state.devices.max());
 }
 
 /// Every few seconds: consumer lag per partition, readings/s, device gauges.

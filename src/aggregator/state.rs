@@ -10,6 +10,8 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use crate::devices::DeviceMap;
+
 use serde::Serialize;
 
 /// Aggregation settings (the `[aggregation]` config section).
@@ -27,6 +29,9 @@ pub struct AggregationConfig {
     /// A `seq` at most this far below a device's last one is a replay and
     /// skipped; further below, the device restarted its counter.
     pub seq_replay_window: u64,
+    /// Devices kept at most; past it the least recently seen are forgotten
+    /// (counted in aggregator_devices_evicted_total).
+    pub max_devices: usize,
 }
 
 impl Default for AggregationConfig {
@@ -37,6 +42,7 @@ impl Default for AggregationConfig {
             windows_kept: 10,
             offline_after_secs: 60,
             seq_replay_window: 1000,
+            max_devices: 100_000,
         }
     }
 }
@@ -155,19 +161,27 @@ pub enum Outcome {
     DuplicateSeq,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct State {
     pub cfg: AggregationConfig,
-    pub devices: HashMap<String, DeviceState>,
+    /// At most `cfg.max_devices`, the least recently seen evicted first.
+    pub devices: DeviceMap<DeviceState>,
     /// Highest applied offset per partition.
     applied: HashMap<i32, i64>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State::new(AggregationConfig::default())
+    }
 }
 
 impl State {
     pub fn new(cfg: AggregationConfig) -> Self {
         State {
+            devices: DeviceMap::new(cfg.max_devices),
             cfg,
-            ..State::default()
+            applied: HashMap::new(),
         }
     }
 
@@ -184,7 +198,7 @@ impl State {
         let lateness = (self.cfg.allowed_lateness_secs * 1000) as i64;
         let kept = self.cfg.windows_kept;
         let replay_window = self.cfg.seq_replay_window;
-        let d = self.devices.entry(r.device).or_insert_with(|| DeviceState {
+        let (d, _) = self.devices.touch(&r.device, || DeviceState {
             partition: r.partition,
             temperature: r.temperature,
             humidity: r.humidity,
@@ -272,8 +286,7 @@ impl State {
 
     /// Forgets revoked partitions and their devices (another instance owns them now).
     pub fn revoke(&mut self, partitions: &[i32]) {
-        self.devices
-            .retain(|_, d| !partitions.contains(&d.partition));
+        self.devices.retain(|d| !partitions.contains(&d.partition));
         for p in partitions {
             self.applied.remove(p);
         }
@@ -294,7 +307,7 @@ impl State {
 
     /// Devices sorted by id.
     pub fn sorted(&self) -> BTreeMap<&str, &DeviceState> {
-        self.devices.iter().map(|(k, v)| (k.as_str(), v)).collect()
+        self.devices.iter().collect()
     }
 }
 
@@ -313,6 +326,29 @@ mod tests {
             partition: 0,
             offset,
         }
+    }
+
+    #[test]
+    fn device_bound_evicts_the_least_recently_seen_and_keeps_the_rest_exact() {
+        let mut s = State::new(AggregationConfig {
+            max_devices: 16,
+            ..Default::default()
+        });
+        let base = 1_767_225_600_000;
+        let mut offset = 0;
+        // "real" is seen between every invented id; 1,000 invented ids pass through.
+        for i in 0..1000u64 {
+            s.apply(r("real", 20.0, 50.0, base + i as i64, Some(i), offset));
+            s.apply(r(&format!("x{i}"), 1.0, 1.0, base, Some(0), offset + 1));
+            offset += 2;
+            assert!(s.devices.len() <= 16);
+        }
+        assert_eq!(
+            s.devices["real"].count, 1000,
+            "a live device keeps its state"
+        );
+        assert_eq!(s.devices.evicted() as usize + s.devices.len(), 1001);
+        assert!(s.devices.contains_key("x999") && !s.devices.contains_key("x0"));
     }
 
     #[test]

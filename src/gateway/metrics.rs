@@ -31,6 +31,8 @@ pub struct GatewayMetrics {
     mqtt_acks: IntCounter,
     seq_gaps: IntCounter,
     seq_repeats: IntCounter,
+    devices_tracked: IntGauge,
+    devices_evicted: IntCounter,
     pub kafka_queue_depth: IntGauge,
     pub kafka_reachable: IntGauge,
     pub kafka_brokers: IntGauge,
@@ -291,6 +293,16 @@ impl GatewayMetrics {
                 "gateway_sequence_repeats_total",
                 "Readings whose seq was not newer than the device's last one (duplicates, redeliveries).",
             ),
+            devices_tracked: gauge(
+                &r,
+                "gateway_devices_tracked",
+                "Devices whose last seq is kept (at most tracking.max_devices).",
+            ),
+            devices_evicted: counter(
+                &r,
+                "gateway_devices_evicted_total",
+                "Devices forgotten because tracking.max_devices was reached (least recently seen first); their next reading starts a new seq track.",
+            ),
             kafka_queue_depth: gauge(
                 &r,
                 "gateway_kafka_queue_depth",
@@ -500,6 +512,21 @@ impl GatewayMetrics {
     pub fn seq_gap(&self, device: &str, missing: u64) {
         debug!(device, missing, "sequence gap");
         self.seq_gaps.inc_by(missing);
+    }
+
+    /// After a new device: `tracked` now, `evicted` since the start.
+    pub fn devices(&self, tracked: usize, evicted: u64, max: usize) {
+        self.devices_tracked.set(tracked as i64);
+        let before = self.devices_evicted.get();
+        if evicted > before {
+            if before == 0 {
+                warn!(
+                    max_devices = max,
+                    "more devices than tracking.max_devices: the least recently seen are forgotten from now on (gateway_devices_evicted_total)"
+                );
+            }
+            self.devices_evicted.inc_by(evicted - before);
+        }
     }
 
     pub fn seq_repeat(&self, device: &str) {

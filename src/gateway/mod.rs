@@ -339,7 +339,7 @@ impl Pipeline {
             cfg: cfg.clone(),
             metrics,
             tracker: AckTracker::new(),
-            seqs: SeqTracker::default(),
+            seqs: SeqTracker::new(cfg.tracking.max_devices),
             recent,
             out,
             pending: 0,
@@ -549,7 +549,12 @@ impl Pipeline {
                         match self.seqs.observe(&device, seq) {
                             SeqOutcome::Gap(n) => self.metrics.seq_gap(&device, n),
                             SeqOutcome::Repeat => self.metrics.seq_repeat(&device),
-                            _ => {}
+                            SeqOutcome::First => self.metrics.devices(
+                                self.seqs.len(),
+                                self.seqs.evicted(),
+                                self.cfg.tracking.max_devices,
+                            ),
+                            SeqOutcome::InOrder => {}
                         }
                     }
                     Some(r)

@@ -1,7 +1,8 @@
 //! Per-device sequence tracking: counts readings lost before they reached us
 //! (gaps in `seq`) and repeats (duplicates, redeliveries, device restarts).
+//! At most `max_devices` are tracked; an evicted device starts again as `First`.
 
-use std::collections::HashMap;
+use crate::devices::DeviceMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SeqOutcome {
@@ -15,20 +16,23 @@ pub enum SeqOutcome {
     Repeat,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SeqTracker {
-    last: HashMap<String, u64>,
+    last: DeviceMap<u64>,
 }
 
 impl SeqTracker {
+    pub fn new(max_devices: usize) -> Self {
+        SeqTracker {
+            last: DeviceMap::new(max_devices),
+        }
+    }
+
     pub fn observe(&mut self, device: &str, seq: u64) -> SeqOutcome {
-        match self.last.get_mut(device) {
-            None => {
-                self.last.insert(device.to_string(), seq);
-                SeqOutcome::First
-            }
-            Some(last) if seq <= *last => SeqOutcome::Repeat,
-            Some(last) => {
+        match self.last.touch(device, || seq) {
+            (_, true) => SeqOutcome::First,
+            (last, _) if seq <= *last => SeqOutcome::Repeat,
+            (last, _) => {
                 let missing = seq - *last - 1;
                 *last = seq;
                 if missing == 0 {
@@ -48,6 +52,11 @@ impl SeqTracker {
     pub fn is_empty(&self) -> bool {
         self.last.is_empty()
     }
+
+    /// Devices evicted by the bound since the start.
+    pub fn evicted(&self) -> u64 {
+        self.last.evicted()
+    }
 }
 
 #[cfg(test)]
@@ -56,7 +65,7 @@ mod tests {
 
     #[test]
     fn gaps_and_repeats() {
-        let mut t = SeqTracker::default();
+        let mut t = SeqTracker::new(10);
         assert_eq!(t.observe("a", 5), SeqOutcome::First);
         assert_eq!(t.observe("a", 6), SeqOutcome::InOrder);
         assert_eq!(t.observe("a", 9), SeqOutcome::Gap(2));
