@@ -184,7 +184,7 @@ pub struct TrackingConfig {
 impl Default for TrackingConfig {
     fn default() -> Self {
         TrackingConfig {
-            max_devices: 100_000,
+            max_devices: 50_000,
         }
     }
 }
@@ -444,7 +444,7 @@ impl Default for KafkaConfig {
             partitions: 6,
             replication_factor: 1,
             delivery_mode: DeliveryMode::Async,
-            max_in_flight: 20_000,
+            max_in_flight: 5_000,
             compression: "lz4".into(),
             linger_ms: 5,
             message_timeout_ms: 0,

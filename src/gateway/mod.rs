@@ -173,11 +173,11 @@ pub async fn run_with_reload(
     // MQTT first: the broker starts keeping our messages as soon as we are
     // subscribed, even while Kafka is still being checked.
     let (mqtt, mut mqtt_rx) = if cfg.mqtt.enabled {
-        let (source, events) =
-            mqtt::start(&cfg.mqtt, metrics.clone()).map_err(GatewayError::Mqtt)?;
+        let (source, events) = mqtt::start(&cfg.mqtt, cfg.kafka.max_in_flight, metrics.clone())
+            .map_err(GatewayError::Mqtt)?;
         (Some(source), events)
     } else {
-        (None, mpsc::unbounded_channel().1)
+        (None, mpsc::channel(1).1)
     };
     if let Err(e) = probe::check_topics(&cfg, &producer, &metrics).await {
         if let Some(m) = mqtt {
@@ -358,7 +358,7 @@ impl Pipeline {
 
     async fn run(
         &mut self,
-        mqtt_rx: &mut mpsc::UnboundedReceiver<SourceEvent>,
+        mqtt_rx: &mut mpsc::Receiver<SourceEvent>,
         sim_rx: &mut mpsc::Receiver<SourceEvent>,
         settled: &mut mpsc::UnboundedReceiver<AckEvent>,
         acker: Option<&mqtt::Acker>,
@@ -431,6 +431,8 @@ impl Pipeline {
                     info!(limits = ?self.cfg.validation, "validation limits updated");
                 }
                 _ = tick.tick() => {}
+                // Acks left over from a full request channel: try again soon.
+                _ = tokio::time::sleep(Duration::from_millis(2)), if !self.pkids.is_empty() => {}
             }
             if !notifier.is_ready()
                 && !draining
@@ -446,7 +448,7 @@ impl Pipeline {
                     return Err(GatewayError::Spool("the writer thread stopped".into()));
                 }
             }
-            self.flush_acks(acker).await;
+            self.flush_acks(acker);
             if deadline.is_some() && self.pending == 0 {
                 info!("every accepted reading settled");
                 break;
@@ -474,26 +476,27 @@ impl Pipeline {
         Ok(())
     }
 
-    async fn flush_acks(&mut self, acker: Option<&mqtt::Acker>) {
-        self.pkids.clear();
+    /// PUBACKs for the settled prefix, in order. Never waits: when the MQTT
+    /// request channel is full the rest stay queued here for the next turn,
+    /// because the event loop may itself be waiting for this loop to take a
+    /// message (waiting here too would deadlock).
+    fn flush_acks(&mut self, acker: Option<&mqtt::Acker>) {
         self.tracker.drain_ready(&mut self.pkids);
-        if self.pkids.is_empty() {
+        let Some(a) = acker else {
+            self.pkids.clear();
             return;
-        }
-        if let Some(a) = acker {
-            for &p in &self.pkids {
-                if let Err(e) = a.ack(p).await {
-                    warn!(error = %e, "PUBACK not sent (connection closing); the broker will redeliver");
-                    break;
-                }
-            }
-            self.metrics.acked(self.pkids.len());
-        }
+        };
+        let sent = self.pkids.iter().take_while(|&&p| a.try_ack(p)).count();
+        self.pkids.drain(..sent);
+        self.metrics.acked(sent);
     }
 
     fn on_event(&mut self, ev: SourceEvent) {
         match ev {
-            SourceEvent::Connected => self.tracker.reset(),
+            SourceEvent::Connected => {
+                self.tracker.reset();
+                self.pkids.clear(); // acks of the old connection
+            }
             SourceEvent::Message(m) => self.on_message(m),
         }
     }

@@ -3,9 +3,13 @@
 //! while Kafka is slow. Acknowledgements are sent by the pipeline through
 //! [`Acker`], only for readings Kafka has, in arrival order.
 //!
-//! The broker bounds what it sends us unacknowledged (Mosquitto's
-//! `max_inflight_messages`, MQTT 5 Receive Maximum), which is what bounds the
-//! unbounded channel to the pipeline.
+//! The channel to the pipeline is bounded, and the task waits when it is full:
+//! then nothing more is read from the socket and TCP stops the broker. The
+//! broker's own limit is not enough: Mosquitto 2.0.11 stops applying
+//! `max_inflight_messages` to a resumed session once the client acknowledges,
+//! and sent a restarted gateway its whole queue (300,000 readings: 130 MiB).
+//! While it waits, no keepalive goes out; past 1.5x keep_alive_secs the broker
+//! drops the connection and redelivers what was not acknowledged.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -42,16 +46,14 @@ pub enum Acker {
 }
 
 impl Acker {
-    /// PUBACK for `pkid` (QoS 1); waits only while the request channel is full.
-    pub async fn ack(&self, pkid: u16) -> Result<(), String> {
+    /// Queues the PUBACK for `pkid` (QoS 1); false if the request channel is
+    /// full (or closed): try again later.
+    pub fn try_ack(&self, pkid: u16) -> bool {
         match self {
             Acker::V311(c) => {
                 let mut p = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::new());
                 p.pkid = pkid;
-                if c.try_ack(&p).is_ok() {
-                    return Ok(());
-                }
-                c.ack(&p).await.map_err(|e| e.to_string())
+                c.try_ack(&p).is_ok()
             }
             Acker::V5(c) => {
                 let mut p = v5::mqttbytes::v5::Publish::new(
@@ -61,10 +63,7 @@ impl Acker {
                     None,
                 );
                 p.pkid = pkid;
-                if c.try_ack(&p).is_ok() {
-                    return Ok(());
-                }
-                c.ack(&p).await.map_err(|e| e.to_string())
+                c.try_ack(&p).is_ok()
             }
         }
     }
@@ -116,7 +115,9 @@ fn incoming(topic: String, payload: Bytes, pkid: u16, qos1: bool) -> Incoming {
     Incoming {
         topic,
         device: None,
-        payload,
+        // A copy: the payload is a slice of rumqttc's read buffer, and one slice
+        // alive keeps the whole buffer; with thousands in flight that was 25 MiB.
+        payload: Bytes::copy_from_slice(&payload),
         received_ms: now_ms(),
         received_at: std::time::Instant::now(),
         pkid: qos1.then_some(pkid),
@@ -187,10 +188,12 @@ pub struct MqttSource {
 }
 
 /// Starts the client and its event-loop task; what arrives comes on the receiver.
+/// `window`: readings the pipeline holds unsettled at most (`kafka.max_in_flight`).
 pub fn start(
     cfg: &MqttConfig,
+    window: usize,
     metrics: GatewayMetrics,
-) -> Result<(MqttSource, mpsc::UnboundedReceiver<SourceEvent>), String> {
+) -> Result<(MqttSource, mpsc::Receiver<SourceEvent>), String> {
     let url = parse_mqtt_url(&cfg.url)?;
     let (host, port) = (url.host, url.port);
     let transport = if url.tls {
@@ -206,8 +209,10 @@ pub fn start(
         .map(|p| p.expose().to_string())
         .unwrap_or_default();
     let keep_alive = Duration::from_secs(cfg.keep_alive_secs.max(5));
-    // Request channel: acks for a whole broker in-flight window fit without waiting.
-    let cap = usize::from(cfg.receive_maximum).max(1000) * 2;
+    // Messages waiting for the pipeline, and requests (mostly PUBACKs) for
+    // the event loop: room for the acks of all the pipeline holds.
+    let queued = usize::from(cfg.receive_maximum).max(1000);
+    let cap = window + queued;
     let (acker, el) = match cfg.version {
         MqttVersion::V311 => {
             let mut o = rumqttc::MqttOptions::new(&cfg.client_id, host, port);
@@ -238,7 +243,7 @@ pub fn start(
             (Acker::V5(c), Loop::V5(Box::new(el)))
         }
     };
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(queued);
     let stop = CancellationToken::new();
     let task = tokio::spawn(event_loop(
         el,
@@ -255,7 +260,7 @@ async fn event_loop(
     mut el: Loop,
     acker: Acker,
     cfg: MqttConfig,
-    tx: mpsc::UnboundedSender<SourceEvent>,
+    tx: mpsc::Sender<SourceEvent>,
     metrics: GatewayMetrics,
     stop: CancellationToken,
 ) {
@@ -273,12 +278,17 @@ async fn event_loop(
                 tracing::info!(url = %cfg.url, session_present, "MQTT connected; subscribing");
                 metrics.security.cleared("mqtt", &SecurityKind::CONNECTION);
                 // A new connection: the broker redelivers whatever was not acked.
-                let _ = tx.send(SourceEvent::Connected);
+                let _ = tx.send(SourceEvent::Connected).await;
                 acker.subscribe_all(&cfg.subscriptions());
             }
             Ok(Polled::Publish(msg)) => {
-                if tx.send(SourceEvent::Message(msg)).is_err() {
-                    break; // pipeline gone
+                tokio::select! {
+                    sent = tx.send(SourceEvent::Message(msg)) => if sent.is_err() {
+                        break; // pipeline gone
+                    },
+                    // Shutting down: not taken (the broker redelivers it); keep
+                    // polling so the last acks and the DISCONNECT go out.
+                    _ = stop.cancelled() => {}
                 }
             }
             Ok(Polled::SubAck { refused }) if refused > 0 => {
