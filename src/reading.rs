@@ -274,6 +274,95 @@ pub fn parse(
     let text = std::str::from_utf8(payload).map_err(|e| Rejection::InvalidUtf8 {
         offset: e.valid_up_to(),
     })?;
+    match plain_fields(text) {
+        Some(fields) => finish(fields, topic_device, received_ms, limits),
+        None => parse_general(text, topic_device, received_ms, limits),
+    }
+}
+
+/// The fields of a reading, each extracted or the reason it could not be.
+struct Fields<'a> {
+    device_id: Result<Option<&'a str>, Rejection>,
+    temperature: Result<f64, Rejection>,
+    humidity: Result<f64, Rejection>,
+    seq: Result<Option<u64>, Rejection>,
+    ts_ms: Result<Option<i64>, Rejection>,
+}
+
+/// The fields a plain reading needs, borrowed from the text.
+#[derive(Deserialize)]
+struct Plain<'a> {
+    #[serde(borrow, default)]
+    device_id: Option<&'a str>,
+    #[serde(borrow, default)]
+    temperature: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    humidity: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    seq: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    ts: Option<&'a serde_json::value::RawValue>,
+}
+
+/// The fast path (most payloads): a JSON object whose fields all extract,
+/// without building a `Value` tree. `None` for anything else (a field of
+/// another type, a missing or non-finite number, escapes in `device_id`,
+/// duplicate keys), which `parse_general` then explains. Both paths extract
+/// the same values, so the result never depends on the path taken.
+fn plain_fields(text: &str) -> Option<Fields<'_>> {
+    if !text.trim_start().starts_with('{') {
+        return None; // serde would also take an array as a struct
+    }
+    let p: Plain<'_> = serde_json::from_str(text).ok()?;
+    let number = |raw: Option<&serde_json::value::RawValue>| -> Option<f64> {
+        let x = match text_of(raw?.get())? {
+            (true, s) => s.trim().parse::<f64>().ok()?,
+            (false, t) => serde_json::from_str::<f64>(t).ok()?,
+        };
+        x.is_finite().then_some(x)
+    };
+    let seq = match p.seq {
+        None => None,
+        Some(raw) => Some(match text_of(raw.get())? {
+            (true, s) => s.trim().parse::<u64>().ok()?,
+            (false, t) => serde_json::from_str::<u64>(t).ok()?,
+        }),
+    };
+    let ts_ms = match p.ts {
+        None => None,
+        Some(raw) => Some(match text_of(raw.get())? {
+            (true, s) => DateTime::parse_from_rfc3339(s.trim())
+                .ok()?
+                .timestamp_millis(),
+            (false, t) => serde_json::from_str::<i64>(t).ok()?,
+        }),
+    };
+    Some(Fields {
+        device_id: Ok(p.device_id),
+        temperature: Ok(number(p.temperature)?),
+        humidity: Ok(number(p.humidity)?),
+        seq: Ok(seq),
+        ts_ms: Ok(ts_ms),
+    })
+}
+
+/// A raw JSON value as (is a string, its text): an unescaped string's
+/// contents, or the token itself.
+fn text_of(raw: &str) -> Option<(bool, &str)> {
+    if raw.starts_with('"') {
+        serde_json::from_str::<&str>(raw).ok().map(|s| (true, s))
+    } else {
+        Some((false, raw))
+    }
+}
+
+/// Any payload, through a `Value` tree: every rejection explained.
+fn parse_general(
+    text: &str,
+    topic_device: Option<&str>,
+    received_ms: i64,
+    limits: &Limits,
+) -> Result<Reading, Rejection> {
     let value: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         // Python's json.dumps writes NaN/Infinity as bare tokens; explain those as
@@ -289,8 +378,25 @@ pub fn parse(
         Value::Object(map) => map,
         other => return Err(Rejection::NotAnObject(type_name(other))),
     };
+    let fields = Fields {
+        device_id: optional_string(obj, "device_id"),
+        temperature: number_field(obj, "temperature"),
+        humidity: number_field(obj, "humidity"),
+        seq: seq_field(obj),
+        ts_ms: ts_field(obj),
+    };
+    finish(fields, topic_device, received_ms, limits)
+}
 
-    let device_id = match (topic_device, optional_string(obj, "device_id")?) {
+/// Checks in a fixed order, so a payload with several faults is always
+/// rejected for the same one.
+fn finish(
+    f: Fields<'_>,
+    topic_device: Option<&str>,
+    received_ms: i64,
+    limits: &Limits,
+) -> Result<Reading, Rejection> {
+    let device_id = match (topic_device, f.device_id?) {
         (Some(t), Some(p)) if t != p => {
             return Err(Rejection::DeviceIdMismatch {
                 topic: truncate_for_message(t),
@@ -303,8 +409,8 @@ pub fn parse(
     };
     check_device_id(device_id)?;
 
-    let temperature = number_field(obj, "temperature")?;
-    let humidity = number_field(obj, "humidity")?;
+    let temperature = f.temperature?;
+    let humidity = f.humidity?;
     check_range(
         "temperature",
         temperature,
@@ -317,8 +423,8 @@ pub fn parse(
         limits.humidity_min,
         limits.humidity_max,
     )?;
-    let seq = seq_field(obj)?;
-    let ts_ms = match ts_field(obj)? {
+    let seq = f.seq?;
+    let ts_ms = match f.ts_ms? {
         None => received_ms,
         Some(ts) => check_ts(ts, received_ms, limits)?,
     };
@@ -490,6 +596,67 @@ mod tests {
     use super::*;
 
     const NOW: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+
+    #[test]
+    fn fast_path_agrees_with_the_general_one() {
+        let l = Limits::default();
+        let cases = [
+            // Taken by the fast path (and each must be):
+            (
+                true,
+                r#"{"device_id":"dev-1","temperature":21.5,"humidity":40,"seq":7,"ts":"2026-01-01T00:00:01.250Z"}"#,
+            ),
+            (
+                true,
+                r#"{"temperature":"22","humidity":" 41.5 ","seq":"3","ts":1767225601000,"x":[1,{"y":null}]}"#,
+            ),
+            (
+                true,
+                r#" {"temperature":21,"humidity":40,"device_id":null,"seq":null,"ts":null}"#,
+            ),
+            (true, r#"{"temperature":-99,"humidity":40}"#), // out of range: rejected the same way
+            (
+                true,
+                r#"{"temperature":20,"humidity":40,"device_id":"other"}"#,
+            ), // mismatch
+            (
+                true,
+                r#"{"temperature":20,"humidity":40,"ts":"2020-01-01T00:00:00Z"}"#,
+            ), // too old
+            // Left to the general path, which explains them:
+            (false, r#"{"temperature":true,"humidity":40}"#),
+            (false, r#"{"temperature":"NaN","humidity":40}"#),
+            (false, r#"{"temperature":NaN,"humidity":40}"#),
+            (false, r#"{"humidity":40}"#),
+            (false, r#"{"temperature":20,"humidity":40,"seq":-1}"#),
+            (false, r#"{"temperature":20,"humidity":40,"seq":1.5}"#),
+            (
+                false,
+                r#"{"temperature":20,"humidity":40,"ts":"yesterday"}"#,
+            ),
+            (
+                false,
+                r#"{"temperature":20,"humidity":40,"device_id":"d\u0031"}"#,
+            ),
+            (
+                false,
+                r#"{"temperature":20,"temperature":21,"humidity":40}"#,
+            ),
+            (false, r#"[21.5, 40]"#),
+            (false, r#"{"temperature":20,"humidity":40"#),
+        ];
+        for (fast, text) in cases {
+            let general = parse_general(text, Some("dev-1"), NOW, &l);
+            match plain_fields(text) {
+                Some(f) => {
+                    assert!(fast, "fast path took {text}");
+                    assert_eq!(finish(f, Some("dev-1"), NOW, &l), general, "{text}");
+                }
+                None => assert!(!fast, "fast path missed {text}"),
+            }
+            assert_eq!(parse(text.as_bytes(), Some("dev-1"), NOW, &l), general);
+        }
+    }
 
     fn ok(payload: &str) -> Reading {
         parse(payload.as_bytes(), Some("dev-1"), NOW, &Limits::default()).unwrap()

@@ -465,7 +465,19 @@ impl Forwarder {
 
     /// Marks `id` settled (at `at` in the topic); ids are in order in `in_flight`.
     fn mark(&mut self, id: u64, at: Option<(i32, i64)>) {
-        if let Ok(i) = self.in_flight.binary_search_by_key(&id, |e| e.id) {
+        // Ids are consecutive in `in_flight` unless a spool rewind skipped some:
+        // index by distance from the front, search only when that misses.
+        let guess = self
+            .in_flight
+            .front()
+            .and_then(|f| usize::try_from(id.checked_sub(f.id)?).ok())
+            .filter(|&i| self.in_flight.get(i).is_some_and(|e| e.id == id));
+        let found = guess.ok_or(()).or_else(|_| {
+            self.in_flight
+                .binary_search_by_key(&id, |e| e.id)
+                .map_err(|_| ())
+        });
+        if let Ok(i) = found {
             self.in_flight[i].settled = true;
             self.in_flight[i].at = at;
             // Without the spool the pipeline acknowledges each id itself.
