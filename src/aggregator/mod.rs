@@ -152,11 +152,15 @@ pub async fn run(
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
-        // Bigger fetches: 1 MiB per partition (the default) caps catch-up speed
-        // at ~230k readings/s here; 4 MiB gives ~300k/s. The local queue bound
-        // keeps the memory for prefetched records in check.
+        // Catch-up memory is librdkafka's prefetch. 1 MiB per partition (the
+        // default) is slow (~170k readings/s here); 4 MiB per partition with a
+        // 50 MiB fetch and a 16 MiB queue was fast but peaked at 270 MiB RSS;
+        // an 8 MiB fetch, an 8 MiB queue and 10,000 prefetched records per
+        // partition (default 100,000) peaked at 165 MiB (BENCHMARKS.md).
         .set("max.partition.fetch.bytes", "4194304")
-        .set("queued.max.messages.kbytes", "16384")
+        .set("fetch.max.bytes", "8388608")
+        .set("queued.max.messages.kbytes", "8192")
+        .set("queued.min.messages", "10000")
         // Incremental rebalancing: when an instance joins or dies only the
         // partitions that move are revoked, so the others keep their devices'
         // state instead of all starting again from the committed offsets.
