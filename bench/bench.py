@@ -34,6 +34,10 @@ class BenchError(Exception):
     pass
 
 
+class Skipped(Exception):
+    """A peer that cannot run on this machine (reported, not a failure)."""
+
+
 def log(msg):
     print(f"[bench] {msg}", flush=True)
 
@@ -96,7 +100,10 @@ def verify_topic(name, want, partitions=6):
                 continue
             total += 1
             v = json.loads(m.value())
-            seen.add((v["device_id"], v.get("seq")))
+            if "fields" in v:  # Telegraf's JSON: {"fields": {...}, "tags": {...}, ...}
+                seen.add((v["tags"]["device_id"], v["fields"].get("seq")))
+            else:
+                seen.add((v["device_id"], v.get("seq")))
     # Anything beyond `want` (duplicates) shows up within a short settle time.
     for m in c.consume(10000, timeout=2.0):
         if not m.error():
@@ -353,42 +360,146 @@ def case_e2e(kind, n, devices, mode="async"):
             "peak_rss_mib": rss, "verified": check}
 
 
-def case_drain(spool, n, devices):
-    """The gateway's own ceiling, without the load generator in the way: its
+TELEGRAF = os.environ.get("TELEGRAF_BIN", str(ROOT / ".cache" / "telegraf" / "v1.39.3" / "telegraf"))
+DRAIN_KINDS = ("gateway_spool", "gateway_nospool", "python", "telegraf", "mqtt")
+
+
+def telegraf_config(path, prefix, client_id, topic, window):
+    """Telegraf as close to the gateway as it allows: QoS 1 persistent session
+    (it PUBACKs after the Kafka write), device id from the topic, keyed by it,
+    acks=all, idempotent, lz4, the gateway's in-flight window."""
+    path.write_text(f"""
+[agent]
+  interval = "10s"
+  flush_interval = "100ms"
+  flush_jitter = "0s"
+  metric_batch_size = 1000
+  metric_buffer_limit = {window * 2}
+  omit_hostname = true
+  quiet = true
+
+[[inputs.mqtt_consumer]]
+  servers = ["tcp://{MQTT_HOST}:{MQTT_PORT}"]
+  topics = ["{prefix}/+/telemetry"]
+  qos = 1
+  persistent_session = true
+  client_id = "{client_id}"
+  max_undelivered_messages = {window}
+  data_format = "json_v2"
+  [[inputs.mqtt_consumer.topic_parsing]]
+    topic = "{prefix}/+/telemetry"
+    tags = "_/device_id/_"
+  [[inputs.mqtt_consumer.json_v2]]
+    measurement_name = "weather"
+    timestamp_path = "ts"
+    timestamp_format = "rfc3339"
+    [[inputs.mqtt_consumer.json_v2.field]]
+      path = "temperature"
+      type = "float"
+    [[inputs.mqtt_consumer.json_v2.field]]
+      path = "humidity"
+      type = "float"
+    [[inputs.mqtt_consumer.json_v2.field]]
+      path = "seq"
+      type = "int"
+
+[[outputs.kafka]]
+  brokers = ["{KAFKA}"]
+  topic = "{topic}"
+  routing_tag = "device_id"
+  required_acks = -1
+  idempotent_writes = true
+  max_retry = 1000
+  compression_codec = 4
+  data_format = "json"
+""")
+
+
+def drain_bridge(kind, prefix, topic, dlq, port, spool_dir, n_total):
+    """Starts the bridge under test; returns (Proc, wait_done)."""
+    if kind.startswith("gateway"):
+        extra = {"GATEWAY__SPOOL__ENABLED": "true" if kind == "gateway_spool" else "false"}
+        gw, _ = start_gateway(kind, topic, dlq, prefix, "async", port, extra, spool_dir)
+        return gw
+    if kind == "python":
+        py = ROOT / "bench" / ".venv" / "bin" / "python"
+        return Proc("python-bridge", [str(py), str(ROOT / "bench" / "python_bridge.py"), MQTT_HOST, MQTT_PORT,
+                                      f"{prefix}/+/telemetry", KAFKA, topic, prefix + "-py"])
+    if kind == "telegraf":
+        conf = ROOT / "bench" / "out" / f"{prefix}-telegraf.conf"
+        telegraf_config(conf, prefix, prefix + "-tg", topic, 5_000)
+        return Proc("telegraf", [TELEGRAF, "--config", str(conf)])
+    # Mosquitto's own delivery ceiling: a counting subscriber that acks at once.
+    return Proc("mqtt-drain-sub", ["mosquitto_sub", "-h", MQTT_HOST, "-p", MQTT_PORT, "-q", "1", "-c",
+                                   "-i", prefix + "-sub", "-t", f"{prefix}/+/telemetry", "-C", str(n_total)])
+
+
+def broker_pid():
+    try:
+        return int((ROOT / ".stack" / "run" / "mosquitto.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def case_drain(kind, n, devices):
+    """A bridge's own ceiling, without the load generator in the way: its
     persistent session subscribes once and goes away, the simulator fills the
-    broker's queue for it, then the gateway starts and is timed from its start
-    to the last record in Kafka (checked exactly once per (device, seq))."""
-    topic, dlq, prefix = unique("drain"), unique("drain-dlq"), unique("drain-mqtt")
-    create_topic(topic)
-    create_topic(dlq, 1)
+    broker's queue for it, then the bridge starts and is timed from its start
+    to the last record in Kafka (read back: each (device, seq) exactly once).
+    kind "mqtt": a counting subscriber instead, timed to its N-th message."""
+    if kind == "telegraf" and os.environ.get("TELEGRAF_SKIP"):
+        raise Skipped(os.environ["TELEGRAF_SKIP"])
+    if kind == "telegraf" and not os.access(TELEGRAF, os.X_OK):
+        raise BenchError(f"Telegraf is not built at {TELEGRAF} (scripts/bench builds it with Go; is `go` installed?)")
+    topic, dlq, prefix = unique("drain"), unique("drain-dlq"), unique(f"drain-{kind}")
     per = max(1, n // devices)
     total = per * devices
-    name = "gateway-spool" if spool else "gateway-nospool"
-    extra = {"GATEWAY__SPOOL__ENABLED": "true" if spool else "false"}
-    spool_dir = ROOT / "bench" / "out" / "spool" / unique(name)
-    gw, _ = start_gateway(name, topic, dlq, prefix, "async", free_port(), extra, spool_dir)
-    gw.stop()  # subscribed: the broker now queues for the session
-    run_simulator(simulator(prefix, devices, per_device=per), 900)
+    if kind != "mqtt":
+        create_topic(topic)
+        create_topic(dlq, 1)
+    spool_dir = ROOT / "bench" / "out" / "spool" / unique(kind)
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    # Prime: subscribe the persistent session once, then leave.
+    p = drain_bridge(kind, prefix, topic, dlq, port, spool_dir, total)
+    if kind.startswith("gateway"):
+        p.stop()
+    else:
+        time.sleep(3)
+        p.stop()
+        if kind == "telegraf" and "rror" in Path(p.log_path).read_text():
+            raise BenchError(f"telegraf failed to start: {p.tail()}")
+    run_simulator(simulator(prefix, devices, per_device=per), 900)
+    bpid = broker_pid()
+    broker_cpu0 = proc_cpu_seconds(bpid) if bpid else None
     t0 = time.time()
-    gw, _ = start_gateway(name, topic, dlq, prefix, "async", port, extra, spool_dir)
+    p = drain_bridge(kind, prefix, topic, dlq, port, spool_dir, total)
+    res = {}
     try:
-        cpu0 = 0.0  # from process start: the whole drain is the gateway's work
-        wait_until(lambda: topic_count(topic) >= total, 900, f"{total} records in Kafka", gw)
-        elapsed = time.time() - t0
-        cpu = proc_cpu_seconds(gw.p.pid) - cpu0
-        rss = proc_peak_rss_mib(gw.p.pid)
-        fs = histogram(url + "/metrics", "gateway_spool_fsync_duration_seconds")
-        q = quantiles({}, fs, [0.5, 0.99])
-        fsyncs = fs.get(float("inf"), 0)
+        if kind == "mqtt":
+            wait_until(lambda: p.p.poll() is not None, 900, "the counting subscriber")
+            if p.p.returncode != 0:
+                raise BenchError(f"subscriber got fewer than {total}: {p.tail()}")
+            elapsed = time.time() - t0
+            cpu = rss = None
+        else:
+            wait_until(lambda: topic_count(topic) >= total, 900, f"{total} records in Kafka", p)
+            elapsed = time.time() - t0
+            cpu = proc_cpu_seconds(p.p.pid)  # from process start: the whole drain is its work
+            rss = proc_peak_rss_mib(p.p.pid)
+            if kind == "gateway_spool":
+                fs = histogram(f"http://127.0.0.1:{port}/metrics", "gateway_spool_fsync_duration_seconds")
+                q = quantiles({}, fs, [0.5, 0.99])
+                res.update(fsync_p50_ms=q[0.5] and q[0.5] * 1000, fsync_p99_ms=q[0.99] and q[0.99] * 1000,
+                           fsyncs=int(fs.get(float("inf"), 0)))
+        broker_cpu = proc_cpu_seconds(bpid) - broker_cpu0 if bpid else None
     finally:
-        gw.stop()
-    check = checked_and_deleted(topic, dlq, total, f"{name} drain")
-    ms = lambda v: None if v is None else v * 1000
-    return {"rate": total / elapsed, "count": total, "cpu_us_per_reading": cpu / total * 1e6,
-            "peak_rss_mib": rss, "fsync_p50_ms": ms(q[0.5]), "fsync_p99_ms": ms(q[0.99]),
-            "fsyncs": int(fsyncs), "verified": check}
+        p.stop()
+    res.update(rate=total / elapsed, count=total, peak_rss_mib=rss,
+               cpu_us_per_reading=cpu and cpu / total * 1e6,
+               broker_cpu_pct=broker_cpu and broker_cpu / elapsed * 100)
+    if kind != "mqtt":
+        res["verified"] = checked_and_deleted(topic, dlq, total, f"{kind} drain")
+    return res
 
 
 def soak(outage_min, rate, devices=100):
@@ -500,6 +611,47 @@ def case_aggregator(n, devices):
         raise BenchError(f"aggregator: applied {applied} of {n}, exported {exported} of {devices} devices")
     return {"rate": n / elapsed, "count": n, "cpu_us_per_reading": cpu / n * 1e6, "peak_rss_mib": rss,
             "scrape_ms": statistics.median(scrapes), "devices": devices}
+
+
+def case_many_devices(devices, max_devices=None):
+    """`devices` distinct device ids, one reading each, through simulator ->
+    Mosquitto -> gateway -> Kafka -> aggregator: both stay bounded (peak RSS)
+    and count the devices they evict. `max_devices` overrides both bounds."""
+    topic, dlq, prefix = unique("many"), unique("many-dlq"), unique("many-mqtt")
+    create_topic(topic)
+    create_topic(dlq, 1)
+    extra = {"GATEWAY__TRACKING__MAX_DEVICES": str(max_devices)} if max_devices else {}
+    gw, gw_url = start_gateway("gateway-many", topic, dlq, prefix, "async", free_port(), extra)
+    port = free_port()
+    agg_url = f"http://127.0.0.1:{port}"
+    env = {"AGGREGATOR__KAFKA__BOOTSTRAP_SERVERS": KAFKA, "AGGREGATOR__KAFKA__TOPIC": topic,
+           "AGGREGATOR__KAFKA__GROUP_ID": unique("many-group"), "AGGREGATOR__HTTP__LISTEN": f"127.0.0.1:{port}",
+           "RUST_LOG": "warn", **({"AGGREGATOR__AGGREGATION__MAX_DEVICES": str(max_devices)} if max_devices else {})}
+    agg = Proc("aggregator-many", [str(REL / "aggregator"), "run", "--config", "configs/aggregator.toml"], env)
+    try:
+        run_simulator(simulator(prefix, devices, per_device=1, connections=4), 1800)
+        wait_until(lambda: (metric(gw_url + "/metrics", "gateway_readings_delivered_total") or 0) >= devices,
+                   900, f"{devices} readings delivered", gw)
+        wait_until(lambda: _stats(agg_url).get("applied", 0) >= devices, 900, "the aggregator applied all", agg)
+        res = {
+            "count": devices,
+            "gateway_peak_rss_mib": proc_peak_rss_mib(gw.p.pid),
+            "gateway_tracked": metric(gw_url + "/metrics", "gateway_devices_tracked"),
+            "gateway_evicted": metric(gw_url + "/metrics", "gateway_devices_evicted_total"),
+            "aggregator_peak_rss_mib": proc_peak_rss_mib(agg.p.pid),
+            "aggregator_devices": _stats(agg_url).get("devices"),
+            "aggregator_evicted": metric(agg_url + "/metrics", "aggregator_devices_evicted_total"),
+        }
+    finally:
+        gw.stop()
+        agg.stop()
+    delete_topics([topic, dlq])
+    bound = max_devices or 50_000
+    for who in ("gateway", "aggregator"):
+        kept = res["gateway_tracked"] if who == "gateway" else res["aggregator_devices"]
+        if kept is None or kept > bound or kept + (res[f"{who}_evicted"] or 0) != devices:
+            raise BenchError(f"{who}: {kept} devices kept and {res[f'{who}_evicted']} evicted of {devices} (bound {bound})")
+    return res
 
 
 # ------------------------------------------------------------------ footprint (edge box)
@@ -704,6 +856,7 @@ def main():
         agg=20_000 if q else 1_000_000,
         agg_devices=1_000 if q else 10_000,
         fp_devices=1_000 if q else 10_000,
+        many_devices=20_000 if q else 1_000_000,
         fp_per_device=2 if q else 3,
         fp_idle_s=1 if q else 5,
     )
@@ -714,12 +867,12 @@ def main():
         ("kafka_ceiling", lambda: case_kafka_ceiling(sizes["kafka"])),
         ("gateway_async", lambda: case_e2e("gateway", sizes["e2e"], sizes["e2e_devices"], "async")),
         ("gateway_sync", lambda: case_e2e("gateway", sizes["sync"], 100, "sync")),
-        ("drain_spool", lambda: case_drain(True, sizes["drain"], 1_000)),
-        ("drain_nospool", lambda: case_drain(False, sizes["drain"], 1_000)),
+        *[(f"drain_{k}", (lambda k=k: case_drain(k, sizes["drain"], 1_000))) for k in DRAIN_KINDS],
         ("python_baseline", lambda: case_e2e("python", sizes["python"], sizes["e2e_devices"])),
         ("latency_1k", lambda: case_latency(1_000, sizes["lat_secs"])),
         ("latency_10k", lambda: case_latency(10_000, sizes["lat_secs"])),
         ("aggregator", lambda: case_aggregator(sizes["agg"], sizes["agg_devices"])),
+        ("many_devices", lambda: case_many_devices(sizes["many_devices"], 5_000 if q else None)),
         ("footprint", lambda: case_footprint(sizes["fp_devices"], sizes["fp_per_device"], sizes["fp_idle_s"])),
     ]
     if a.only:
@@ -730,6 +883,7 @@ def main():
         plan = [(n, f) for n, f in plan if n in want]
     results = {}
     failures = []
+    skipped = {}
     if not q and not a.only:
         # Warm-up, not measured: the JVM of a fresh Kafka is slower for its first
         # minute, which would penalise whichever case runs first.
@@ -746,6 +900,9 @@ def main():
                 r = fn()
                 results.setdefault(name, []).append(r)
                 log(f"  {name}: {json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k != 'verified'})} ({time.time() - t:.1f}s)")
+            except Skipped as e:
+                log(f"  {name} SKIPPED: {e}")
+                skipped[name] = str(e)
             except Exception as e:  # a failed case is reported, the run goes on
                 failures.append(f"{name}: {e}")
                 log(f"  {name} FAILED: {e}")
@@ -757,10 +914,12 @@ def main():
         "sizes": sizes,
         "cases": {name: {"runs": runs, **{k: summarize(runs, k) for k in
                                           ("rate", "cpu_us_per_reading", "peak_rss_mib", "p50_ms", "p99_ms", "p999_ms", "scrape_ms",
-                                           "fsync_p50_ms", "fsync_p99_ms", *FOOTPRINT_KEYS)
+                                           "fsync_p50_ms", "fsync_p99_ms", "broker_cpu_pct",
+                                           "gateway_peak_rss_mib", "aggregator_peak_rss_mib", "gateway_evicted", "aggregator_evicted", *FOOTPRINT_KEYS)
                                           if summarize(runs, k)}}
                   for name, runs in results.items()},
         "failures": failures,
+        "skipped": skipped,
         "binaries": binary_sizes(),
     }
     if q or a.only:

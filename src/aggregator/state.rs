@@ -42,7 +42,7 @@ impl Default for AggregationConfig {
             windows_kept: 10,
             offline_after_secs: 60,
             seq_replay_window: 1000,
-            max_devices: 100_000,
+            max_devices: 50_000,
         }
     }
 }
