@@ -35,17 +35,27 @@ impl<V> DeviceMap<V> {
     /// Returns whether it was created.
     pub fn touch(&mut self, device: &str, new: impl FnOnce() -> V) -> (&mut V, bool) {
         self.clock += 1;
-        let clock = self.clock;
-        let created = !self.map.contains_key(device);
-        if created && self.map.len() >= self.max {
-            self.evict(self.max.div_ceil(16));
+        let seen = self.clock;
+        // Looked up by &str first: the key is allocated only for a new device
+        // (this runs once per reading).
+        if !self.map.contains_key(device) {
+            if self.map.len() >= self.max {
+                self.evict(self.max.div_ceil(16));
+            }
+            let value = new();
+            let slot = self
+                .map
+                .entry(device.into())
+                .or_insert(Slot { value, seen });
+            return (&mut slot.value, true);
         }
-        let slot = self.map.entry(device.into()).or_insert_with(|| Slot {
-            value: new(),
-            seen: clock,
-        });
-        slot.seen = clock;
-        (&mut slot.value, created)
+        match self.map.get_mut(device) {
+            Some(slot) => {
+                slot.seen = seen;
+                (&mut slot.value, false)
+            }
+            None => unreachable!("present: checked above"),
+        }
     }
 
     /// Drops the `n` least recently seen devices.
