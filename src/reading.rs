@@ -168,37 +168,43 @@ impl Reading {
     /// Appends the canonical JSON to `out` (lets hot paths reuse a buffer).
     pub fn write_canonical_json(&self, out: &mut String) {
         // device_id is restricted to [A-Za-z0-9_.:-]: nothing to escape.
-        let _ = write!(
-            out,
-            "{{\"device_id\":\"{}\",\"humidity\":{}",
-            self.device_id,
-            JsonNumber(self.humidity)
-        );
+        out.push_str("{\"device_id\":\"");
+        out.push_str(&self.device_id);
+        out.push_str("\",\"humidity\":");
+        write_number(out, self.humidity);
         if let Some(seq) = self.seq {
-            let _ = write!(out, ",\"seq\":{seq}");
+            out.push_str(",\"seq\":");
+            out.push_str(itoa::Buffer::new().format(seq));
         }
-        let _ = write!(
-            out,
-            ",\"temperature\":{},\"ts\":\"",
-            JsonNumber(self.temperature)
-        );
+        out.push_str(",\"temperature\":");
+        write_number(out, self.temperature);
+        out.push_str(",\"ts\":\"");
         write_ts(out, self.ts_ms);
         out.push_str("\"}");
     }
 }
 
-/// Formats a finite f64 as a JSON number (Rust's shortest round-trip form).
-struct JsonNumber(f64);
-
-impl std::fmt::Display for JsonNumber {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.0 == 0.0 {
-            // Avoid "-0", which is valid JSON but surprises consumers.
-            f.write_str("0")
-        } else {
-            write!(f, "{}", self.0)
+/// Appends a finite f64 as a JSON number, the same text as Rust's `Display`
+/// (shortest round-trip, no exponent) and "0" for -0. ryu is the fast path
+/// where its output is that text, minus a trailing ".0": no exponent in this
+/// range, and with at most 15 digits no halfway tie (a tie needs 16 or more;
+/// ryu rounds ties to even, Display up).
+fn write_number(out: &mut String, x: f64) {
+    if x == 0.0 {
+        // Avoid "-0", which is valid JSON but surprises consumers.
+        out.push('0');
+        return;
+    }
+    if (1e-5..1e16).contains(&x.abs()) {
+        let mut b = ryu::Buffer::new();
+        let s = b.format_finite(x);
+        let s = s.strip_suffix(".0").unwrap_or(s);
+        if s.bytes().filter(u8::is_ascii_digit).count() <= 15 {
+            out.push_str(s);
+            return;
         }
     }
+    let _ = write!(out, "{x}");
 }
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-01-02T03:04:05.678Z`.
@@ -208,22 +214,38 @@ pub fn format_ts(ts_ms: i64) -> String {
     s
 }
 
-/// Appends [`format_ts`] to `out`. At load many readings share a millisecond,
-/// so the last formatted one is kept (per thread) and reused.
+/// Appends [`format_ts`] to `out`. The text up to the second is kept (per
+/// thread) and reused: at load many readings share a second.
 pub fn write_ts(out: &mut String, ts_ms: i64) {
     thread_local! {
         static LAST: std::cell::RefCell<(i64, String)> = const { std::cell::RefCell::new((i64::MIN, String::new())) };
     }
+    let (secs, ms) = (ts_ms.div_euclid(1000), ts_ms.rem_euclid(1000));
     LAST.with(|last| {
         let mut last = last.borrow_mut();
-        if last.0 != ts_ms {
+        if last.0 != secs {
+            // chrono's "...:05Z" without the Z; None past its range.
             last.1 = match DateTime::<Utc>::from_timestamp_millis(ts_ms) {
-                Some(dt) => dt.to_rfc3339_opts(SecondsFormat::Millis, true),
-                None => String::from("1970-01-01T00:00:00.000Z"),
+                Some(dt) => {
+                    let mut p = dt.to_rfc3339_opts(SecondsFormat::Secs, true);
+                    p.pop();
+                    p.push('.');
+                    p
+                }
+                None => String::new(),
             };
-            last.0 = ts_ms;
+            last.0 = secs;
+        }
+        if last.1.is_empty() {
+            out.push_str("1970-01-01T00:00:00.000Z");
+            return;
         }
         out.push_str(&last.1);
+        let ms = ms as u32; // 0..1000
+        for d in [ms / 100, ms / 10 % 10, ms % 10] {
+            out.push(char::from(b'0' + d as u8));
+        }
+        out.push('Z');
     })
 }
 
@@ -596,6 +618,51 @@ mod tests {
     use super::*;
 
     const NOW: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+
+    #[test]
+    fn numbers_are_written_as_display_writes_them() {
+        let mut xs = vec![
+            1e-5, 9.99e-6, 1e15, 9.9e14, 1658206780088562.2, 0.1, 0.3, 21.5, 40.0, -40.0, 100.0, 1e15, 123456.789,
+            -0.0001, 5e-324, 1.7e308, -21.04,
+        ];
+        // Deterministic spread over magnitudes and digits.
+        let mut r: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..100_000 {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            let x = f64::from_bits(r);
+            if x.is_finite() {
+                xs.push(x);
+            }
+            xs.push((r % 2_000_000) as f64 / 100.0 - 10_000.0);
+            // Full-precision values across the fast path's range.
+            let m = (r >> 11) as f64 / (1u64 << 53) as f64;
+            xs.push(m * 10f64.powi((r % 22) as i32 - 5));
+        }
+        for x in xs {
+            let mut out = String::new();
+            write_number(&mut out, x);
+            assert_eq!(out, format!("{x}"), "{x:e}");
+        }
+        let mut out = String::new();
+        write_number(&mut out, -0.0);
+        assert_eq!(out, "0");
+    }
+
+    #[test]
+    fn timestamps_match_chrono() {
+        let mut out = String::new();
+        for ts in [NOW, NOW + 1, NOW + 999, NOW + 1000, NOW - 1, 0, -1, -1001, 253_402_300_799_999] {
+            out.clear();
+            write_ts(&mut out, ts);
+            let want = DateTime::<Utc>::from_timestamp_millis(ts)
+                .unwrap()
+                .to_rfc3339_opts(SecondsFormat::Millis, true);
+            assert_eq!(out, want, "{ts}");
+        }
+        assert_eq!(format_ts(i64::MAX), "1970-01-01T00:00:00.000Z");
+    }
 
     #[test]
     fn fast_path_agrees_with_the_general_one() {

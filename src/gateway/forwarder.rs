@@ -46,7 +46,7 @@ pub enum Feed {
     },
     /// Spool disabled: (ack id, record) from the pipeline; settled ids go back.
     Memory {
-        rx: mpsc::UnboundedReceiver<(u64, Record)>,
+        rx: mpsc::UnboundedReceiver<Vec<(u64, Record)>>,
         settled: mpsc::UnboundedSender<AckEvent>,
     },
 }
@@ -63,7 +63,7 @@ struct Sent {
     id: u64,
     received_ms: i64,
     settled: bool,
-    /// Spool disabled: a copy, to send again if the producer is replaced
+    /// Spool disabled: the record, to send again if the producer is replaced
     /// (with the spool the reader rewinds instead).
     copy: Option<Record>,
     /// (partition, offset) in the topic, once acknowledged there.
@@ -94,6 +94,8 @@ pub struct Forwarder {
     in_kafka: HashSet<u64>,
     /// ...among this many records still to be read again (then it is dropped).
     replay_left: u64,
+    /// Spool disabled: every settled id goes back to the pipeline.
+    ack_each: bool,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -134,6 +136,7 @@ impl Forwarder {
             positions_changed: false,
             in_kafka: HashSet::new(),
             replay_left: 0,
+            ack_each: false,
         }
     }
 
@@ -187,7 +190,10 @@ impl Forwarder {
                 self.find_delivered(&dir, pending).await;
                 (Some(reader), Some(spool), None, None, Some(dir))
             }
-            Feed::Memory { rx, settled } => (None, None, Some(rx), Some(settled), None),
+            Feed::Memory { rx, settled } => {
+                self.ack_each = true;
+                (None, None, Some(rx), Some(settled), None)
+            }
         };
         let notify = spool.as_ref().map(|s| lock(s).shared().clone());
         loop {
@@ -206,11 +212,14 @@ impl Forwarder {
                 }
                 Some(why) = recreate.recv() => self.recreate(&why, reader.as_mut())?,
                 _ = wait_notify(&notify), if room => {}
+                // The pipeline holds at most the window unsettled, so a whole
+                // batch fits.
                 item = recv_memory(&mut memory), if room => match item {
-                    Some((id, mut rec)) => {
-                        rec.offset = id;
-                        self.start(id, rec.received_ms, Some(rec.clone()));
-                        self.send(rec, 0);
+                    Some(batch) => {
+                        for (id, mut rec) in batch {
+                            rec.offset = id;
+                            self.send_kept(rec);
+                        }
                     }
                     None => memory = None,
                 },
@@ -316,8 +325,7 @@ impl Forwarder {
             None => {
                 for s in unsettled {
                     if let Some(rec) = s.copy {
-                        self.start(s.id, s.received_ms, Some(rec.clone()));
-                        self.send(rec, 0);
+                        self.send_kept(rec);
                     }
                 }
             }
@@ -325,7 +333,32 @@ impl Forwarder {
         Ok(())
     }
 
+    /// Spool disabled: sends `rec` and keeps it in `in_flight`, to send again
+    /// if the producer is replaced (with the spool the reader rewinds instead).
+    fn send_kept(&mut self, rec: Record) {
+        self.start(rec.offset, rec.received_ms, None);
+        let failed = self.produce(&rec, 0);
+        let copy = match failed {
+            Ok(()) => rec,
+            Err((e, meta)) => {
+                let copy = rec.clone();
+                self.on_failure(e, rec, meta);
+                copy
+            }
+        };
+        if let Some(s) = self.in_flight.iter_mut().rev().find(|s| s.id == copy.offset) {
+            s.copy = Some(copy);
+        }
+    }
+
     fn send(&mut self, rec: Record, attempts: u32) {
+        if let Err((e, meta)) = self.produce(&rec, attempts) {
+            self.on_failure(e, rec, meta);
+        }
+    }
+
+    /// Hands `rec` to librdkafka; on a refusal the delivery opaque comes back.
+    fn produce(&self, rec: &Record, attempts: u32) -> Result<(), (KafkaError, Box<Meta>)> {
         let topic = if rec.dlq {
             self.cfg.dlq_topic.as_str()
         } else {
@@ -363,10 +396,9 @@ impl Forwarder {
         if let Some(ts) = rec.ts_ms {
             br = br.timestamp(ts);
         }
-        if let Err((e, br)) = self.producer.send(br) {
-            let meta = br.delivery_opaque;
-            self.on_failure(e, rec, meta);
-        }
+        self.producer
+            .send(br)
+            .map_err(|(e, br)| (e, br.delivery_opaque))
     }
 
     fn on_report(&mut self, r: Report) {
@@ -481,7 +513,7 @@ impl Forwarder {
             self.in_flight[i].settled = true;
             self.in_flight[i].at = at;
             // Without the spool the pipeline acknowledges each id itself.
-            if self.in_flight[i].copy.is_some() {
+            if self.ack_each {
                 self.settled_ids.push(id);
             }
         }
@@ -572,8 +604,8 @@ async fn wait_notify(n: &Option<Arc<super::spool::Shared>>) {
 }
 
 async fn recv_memory(
-    rx: &mut Option<mpsc::UnboundedReceiver<(u64, Record)>>,
-) -> Option<(u64, Record)> {
+    rx: &mut Option<mpsc::UnboundedReceiver<Vec<(u64, Record)>>>,
+) -> Option<Vec<(u64, Record)>> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

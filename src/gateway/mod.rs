@@ -223,7 +223,7 @@ pub async fn run_with_reload(
                 rx,
                 settled: settled_tx,
             };
-            (Out::Memory(tx), feed, None)
+            (Out::Memory(tx, Vec::new()), feed, None)
         }
     };
     let spool_mode = recent.is_some();
@@ -300,8 +300,9 @@ pub async fn run_with_reload(
 enum Out {
     /// To the spool writer; entries of one wake-up are sent together.
     Spool(Writer, Vec<Entry>),
-    /// Straight to the forwarder (spool disabled).
-    Memory(mpsc::UnboundedSender<(u64, Record)>),
+    /// Straight to the forwarder (spool disabled); records of one wake-up are
+    /// sent together.
+    Memory(mpsc::UnboundedSender<Vec<(u64, Record)>>, Vec<(u64, Record)>),
     Closed,
 }
 
@@ -443,10 +444,18 @@ impl Pipeline {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             }
             notifier.alive();
-            if let Out::Spool(w, batch) = &mut self.out {
-                if !batch.is_empty() && w.tx.send(std::mem::take(batch)).is_err() {
-                    return Err(GatewayError::Spool("the writer thread stopped".into()));
+            match &mut self.out {
+                Out::Spool(w, batch) if !batch.is_empty() => {
+                    if w.tx.send(std::mem::take(batch)).is_err() {
+                        return Err(GatewayError::Spool("the writer thread stopped".into()));
+                    }
                 }
+                Out::Memory(tx, batch) if !batch.is_empty() => {
+                    if tx.send(std::mem::take(batch)).is_err() {
+                        warn!("forwarder stopped; readings left unacknowledged");
+                    }
+                }
+                _ => {}
             }
             self.flush_acks(acker);
             if deadline.is_some() && self.pending == 0 {
@@ -577,12 +586,8 @@ impl Pipeline {
         };
         match (&mut self.out, record) {
             (Out::Spool(_, batch), record) => batch.push(Entry { ack, record }),
-            (Out::Memory(tx), Some(r)) => {
-                if tx.send((ack, r)).is_err() {
-                    warn!("forwarder stopped; reading left unacknowledged");
-                }
-            }
-            (Out::Memory(_), None) | (Out::Closed, _) => {
+            (Out::Memory(_, batch), Some(r)) => batch.push((ack, r)),
+            (Out::Memory(..), None) | (Out::Closed, _) => {
                 self.tracker.complete(ack);
                 self.pending = self.pending.saturating_sub(1);
             }
