@@ -495,7 +495,7 @@ impl Pipeline {
             self.pkids.clear();
             return;
         };
-        let sent = self.pkids.iter().take_while(|&&p| a.try_ack(p)).count();
+        let sent = a.ack(&self.pkids);
         self.pkids.drain(..sent);
         self.metrics.acked(sent);
     }

@@ -10,7 +10,16 @@
 //! and sent a restarted gateway its whole queue (300,000 readings: 130 MiB).
 //! While it waits, no keepalive goes out; past 1.5x keep_alive_secs the broker
 //! drops the connection and redelivers what was not acknowledged.
+//!
+//! PUBACKs in batches (MQTT 3.1.1): rumqttc writes and flushes each request
+//! on its own (a `write` per PUBACK). So only the first PUBACK of a batch goes
+//! through its request channel; when the event loop reports it written, this
+//! task writes the rest of that batch into the connection and flushes once.
+//! Order is kept: a batch's rest follows its first, before the next batch.
+//! (rumqttc's v5 client does not expose its connection: one request each.)
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -33,24 +42,55 @@ enum Polled {
     SubAck {
         refused: usize,
     },
+    /// The PUBACK for this pkid was written (MQTT 3.1.1).
+    AckSent(u16),
     /// We asked to disconnect (shutdown).
     Disconnecting,
     Other,
 }
 
+/// Batches whose first PUBACK is in rumqttc's request channel: (its pkid, the
+/// rest), written by the event-loop task once the first is out.
+type AckBatches = Arc<Mutex<VecDeque<(u16, Vec<u16>)>>>;
+
+fn lock(q: &AckBatches) -> std::sync::MutexGuard<'_, VecDeque<(u16, Vec<u16>)>> {
+    q.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Sends PUBACKs and the final DISCONNECT.
 #[derive(Clone, Debug)]
 pub enum Acker {
-    V311(rumqttc::AsyncClient),
+    V311(rumqttc::AsyncClient, AckBatches),
     V5(v5::AsyncClient),
 }
 
 impl Acker {
-    /// Queues the PUBACK for `pkid` (QoS 1); false if the request channel is
-    /// full (or closed): try again later.
-    pub fn try_ack(&self, pkid: u16) -> bool {
+    /// Queues the PUBACKs for `pkids` (QoS 1), in order, without waiting;
+    /// returns how many were taken (a prefix). The rest: try again later (the
+    /// request channel is full, or closed).
+    pub fn ack(&self, pkids: &[u16]) -> usize {
+        match (self, pkids) {
+            (_, []) => 0,
+            (Acker::V311(_, batches), [first, rest @ ..]) => {
+                // Locked across the send: the event loop looks for this batch
+                // as soon as the first PUBACK is written.
+                let mut q = lock(batches);
+                if !self.try_ack(*first) {
+                    return 0;
+                }
+                if !rest.is_empty() {
+                    q.push_back((*first, rest.to_vec()));
+                }
+                pkids.len()
+            }
+            (Acker::V5(_), _) => pkids.iter().take_while(|&&p| self.try_ack(p)).count(),
+        }
+    }
+
+    /// Queues the PUBACK for `pkid`; false if the request channel is full.
+    fn try_ack(&self, pkid: u16) -> bool {
         match self {
-            Acker::V311(c) => {
+            Acker::V311(c, _) => {
                 let mut p = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::new());
                 p.pkid = pkid;
                 c.try_ack(&p).is_ok()
@@ -70,7 +110,7 @@ impl Acker {
 
     pub async fn disconnect(&self) {
         let _ = match self {
-            Acker::V311(c) => c.disconnect().await.map_err(|e| e.to_string()),
+            Acker::V311(c, _) => c.disconnect().await.map_err(|e| e.to_string()),
             Acker::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
         };
     }
@@ -82,7 +122,7 @@ impl Acker {
         tokio::spawn(async move {
             for t in topics {
                 let r = match &me {
-                    Acker::V311(c) => c
+                    Acker::V311(c, _) => c
                         .subscribe(&t, QoS::AtLeastOnce)
                         .await
                         .map_err(|e| e.to_string()),
@@ -146,6 +186,7 @@ impl Loop {
                             .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
                             .count(),
                     },
+                    Event::Outgoing(Outgoing::PubAck(pkid)) => Polled::AckSent(pkid),
                     Event::Outgoing(Outgoing::Disconnect) => Polled::Disconnecting,
                     _ => Polled::Other,
                 })
@@ -175,6 +216,41 @@ impl Loop {
                 })
             }
         }
+    }
+}
+
+/// Writes the rest of the batches up to the one `sent` led (see the module
+/// docs), then flushes once. An error here is the connection's: the next poll
+/// reports it and reconnects, and the broker redelivers what was not acked.
+async fn write_rest(el: &mut Loop, batches: &AckBatches, sent: u16, scratch: &mut Vec<u16>) {
+    let Loop::V311(el) = el else { return };
+    scratch.clear();
+    {
+        let mut q = lock(batches);
+        if let Some(i) = q.iter().position(|(first, _)| *first == sent) {
+            for (_, rest) in q.drain(..=i) {
+                scratch.extend(rest);
+            }
+        }
+    }
+    let Some(net) = el.network.as_mut() else {
+        return;
+    };
+    if scratch.is_empty() {
+        return;
+    }
+    for &pkid in scratch.iter() {
+        if net
+            .write(rumqttc::Packet::PubAck(rumqttc::PubAck::new(pkid)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    let timeout = Duration::from_secs(el.network_options.connection_timeout());
+    if let Err(e) = tokio::time::timeout(timeout, net.flush()).await {
+        tracing::debug!(error = %e, "writing PUBACKs timed out");
     }
 }
 
@@ -225,7 +301,7 @@ pub fn start(
                 o.set_credentials(u, password);
             }
             let (c, el) = rumqttc::AsyncClient::new(o, cap);
-            (Acker::V311(c), Loop::V311(Box::new(el)))
+            (Acker::V311(c, AckBatches::default()), Loop::V311(Box::new(el)))
         }
         MqttVersion::V5 => {
             let mut o = v5::MqttOptions::new(&cfg.client_id, host, port);
@@ -269,13 +345,28 @@ async fn event_loop(
     let mut backoff = min;
     let mut connected = false;
     let mut subacks = 0;
+    let batches = match &acker {
+        Acker::V311(_, b) => Some(b.clone()),
+        Acker::V5(_) => None,
+    };
+    let mut scratch = Vec::new();
     loop {
         match el.poll().await {
+            Ok(Polled::AckSent(pkid)) => {
+                if let Some(b) = &batches {
+                    write_rest(&mut el, b, pkid, &mut scratch).await;
+                }
+            }
             Ok(Polled::ConnAck { session_present }) => {
                 connected = true;
                 backoff = min;
                 subacks = 0;
                 tracing::info!(url = %cfg.url, session_present, "MQTT connected; subscribing");
+                // Acks of the old connection not written by now are dropped: written
+                // later, a reused pkid could ack a message not yet in Kafka.
+                if let Some(b) = &batches {
+                    lock(b).clear();
+                }
                 metrics.security.cleared("mqtt", &SecurityKind::CONNECTION);
                 // A new connection: the broker redelivers whatever was not acked.
                 let _ = tx.send(SourceEvent::Connected).await;
