@@ -622,8 +622,23 @@ mod tests {
     #[test]
     fn numbers_are_written_as_display_writes_them() {
         let mut xs = vec![
-            1e-5, 9.99e-6, 1e15, 9.9e14, 1658206780088562.2, 0.1, 0.3, 21.5, 40.0, -40.0, 100.0, 1e15, 123456.789,
-            -0.0001, 5e-324, 1.7e308, -21.04,
+            1e-5,
+            9.99e-6,
+            1e15,
+            9.9e14,
+            1658206780088562.2,
+            0.1,
+            0.3,
+            21.5,
+            40.0,
+            -40.0,
+            100.0,
+            1e15,
+            123456.789,
+            -0.0001,
+            5e-324,
+            1.7e308,
+            -21.04,
         ];
         // Deterministic spread over magnitudes and digits.
         let mut r: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -653,7 +668,17 @@ mod tests {
     #[test]
     fn timestamps_match_chrono() {
         let mut out = String::new();
-        for ts in [NOW, NOW + 1, NOW + 999, NOW + 1000, NOW - 1, 0, -1, -1001, 253_402_300_799_999] {
+        for ts in [
+            NOW,
+            NOW + 1,
+            NOW + 999,
+            NOW + 1000,
+            NOW - 1,
+            0,
+            -1,
+            -1001,
+            253_402_300_799_999,
+        ] {
             out.clear();
             write_ts(&mut out, ts);
             let want = DateTime::<Utc>::from_timestamp_millis(ts)

@@ -346,7 +346,12 @@ impl Forwarder {
                 copy
             }
         };
-        if let Some(s) = self.in_flight.iter_mut().rev().find(|s| s.id == copy.offset) {
+        if let Some(s) = self
+            .in_flight
+            .iter_mut()
+            .rev()
+            .find(|s| s.id == copy.offset)
+        {
             s.copy = Some(copy);
         }
     }
@@ -367,8 +372,8 @@ impl Forwarder {
         let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
         for (k, v) in &rec.headers {
             headers = headers.insert(Header {
-                key: k.as_str(),
-                value: Some(v.as_slice()),
+                key: k,
+                value: Some(&v[..]),
             });
         }
         let meta = Box::new(Meta {

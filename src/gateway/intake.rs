@@ -2,7 +2,7 @@
 //! a canonical reading for the main topic, or a dead-letter record with its
 //! reason — or nothing (rejected with the DLQ disabled). No I/O here.
 
-use crate::gateway::spool::Record;
+use crate::gateway::spool::{Header, Record};
 use crate::gateway::Incoming;
 use crate::reading::{self, Limits, Rejection, SCHEMA_VERSION};
 
@@ -40,9 +40,9 @@ pub fn intake(
                 seq: r.seq,
                 key: Some(r.device_id.into_bytes()),
                 headers: vec![
-                    ("schema".into(), SCHEMA_VERSION.as_bytes().to_vec()),
-                    ("source".into(), m.topic.as_bytes().to_vec()),
-                    ("received_at".into(), received_at.into_bytes()),
+                    ("schema".into(), SCHEMA_VERSION.as_bytes().into()),
+                    ("source".into(), m.topic.as_bytes().to_vec().into()),
+                    ("received_at".into(), received_at.into_bytes().into()),
                 ],
                 value: buf.as_bytes().to_vec(),
             })
@@ -79,20 +79,20 @@ pub fn dead_letter(
     max_payload: usize,
 ) -> Record {
     let keep = payload.len().min(max_payload);
-    let mut headers = vec![
-        ("reason".to_string(), reason.as_bytes().to_vec()),
-        ("detail".into(), detail.as_bytes().to_vec()),
-        ("source".into(), source.as_bytes().to_vec()),
+    let mut headers: Vec<Header> = vec![
+        ("reason".into(), reason.as_bytes().to_vec().into()),
+        ("detail".into(), detail.as_bytes().to_vec().into()),
+        ("source".into(), source.as_bytes().to_vec().into()),
         (
             "received_at".into(),
-            reading::format_ts(received_ms).into_bytes(),
+            reading::format_ts(received_ms).into_bytes().into(),
         ),
-        ("schema".into(), SCHEMA_VERSION.as_bytes().to_vec()),
+        ("schema".into(), SCHEMA_VERSION.as_bytes().into()),
     ];
     if keep < payload.len() {
         headers.push((
             "original_size".into(),
-            payload.len().to_string().into_bytes(),
+            payload.len().to_string().into_bytes().into(),
         ));
     }
     Record {
@@ -137,10 +137,8 @@ mod tests {
         assert!(std::str::from_utf8(&r.value)
             .unwrap()
             .starts_with(r#"{"device_id":"d1""#));
-        assert_eq!(
-            r.headers[1],
-            ("source".into(), b"sensors/d1/telemetry".to_vec())
-        );
+        assert_eq!(r.headers[1].0, "source");
+        assert_eq!(&r.headers[1].1[..], b"sensors/d1/telemetry");
     }
 
     #[test]
@@ -159,7 +157,7 @@ mod tests {
         assert!(d
             .headers
             .iter()
-            .any(|(k, v)| k == "reason" && v == rejection.code().as_bytes()));
+            .any(|(k, v)| k == "reason" && &v[..] == rejection.code().as_bytes()));
         assert!(d.headers.iter().any(|(k, _)| k == "original_size"));
         let none = intake(&m, Some("d1"), &Limits::default(), None, &mut buf);
         assert!(matches!(

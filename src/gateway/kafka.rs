@@ -124,7 +124,10 @@ impl ProducerContext for ReportContext {
                         .headers()
                         .map(|h| {
                             h.iter()
-                                .map(|x| (x.key.to_string(), x.value.unwrap_or_default().to_vec()))
+                                .map(|x| {
+                                    let v = x.value.unwrap_or_default().to_vec();
+                                    (x.key.to_string().into(), v.into())
+                                })
                                 .collect()
                         })
                         .unwrap_or_default(),

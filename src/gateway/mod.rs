@@ -302,7 +302,10 @@ enum Out {
     Spool(Writer, Vec<Entry>),
     /// Straight to the forwarder (spool disabled); records of one wake-up are
     /// sent together.
-    Memory(mpsc::UnboundedSender<Vec<(u64, Record)>>, Vec<(u64, Record)>),
+    Memory(
+        mpsc::UnboundedSender<Vec<(u64, Record)>>,
+        Vec<(u64, Record)>,
+    ),
     Closed,
 }
 

@@ -301,7 +301,10 @@ pub fn start(
                 o.set_credentials(u, password);
             }
             let (c, el) = rumqttc::AsyncClient::new(o, cap);
-            (Acker::V311(c, AckBatches::default()), Loop::V311(Box::new(el)))
+            (
+                Acker::V311(c, AckBatches::default()),
+                Loop::V311(Box::new(el)),
+            )
         }
         MqttVersion::V5 => {
             let mut o = v5::MqttOptions::new(&cfg.client_id, host, port);

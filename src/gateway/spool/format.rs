@@ -6,6 +6,8 @@
 //! spool offset, which makes a zero-filled or recycled region fail even when a
 //! CRC happens to match.
 
+use std::borrow::Cow;
+
 /// First bytes of every segment file.
 pub const SEGMENT_MAGIC: &[u8; 8] = b"IOTSPOOL";
 /// First bytes of the checkpoint file.
@@ -41,8 +43,29 @@ pub struct Record {
     /// The device's `seq`, kept for duplicate detection after a restart.
     pub seq: Option<u64>,
     pub key: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Vec<Header>,
     pub value: Vec<u8>,
+}
+
+/// A Kafka header. Names (and the schema version) are mostly our constants:
+/// borrowed, they cost no allocation per record.
+pub type Header = (Cow<'static, str>, Cow<'static, [u8]>);
+
+/// The header names the gateway writes (see [`Header`]).
+const HEADER_NAMES: [&str; 6] = [
+    "schema",
+    "source",
+    "received_at",
+    "reason",
+    "detail",
+    "original_size",
+];
+
+fn header_name(k: &[u8]) -> Cow<'static, str> {
+    match HEADER_NAMES.iter().find(|n| n.as_bytes() == k) {
+        Some(n) => Cow::Borrowed(n),
+        None => Cow::Owned(String::from_utf8_lossy(k).into_owned()),
+    }
 }
 
 /// Why bytes could not be read as a record.
@@ -154,7 +177,7 @@ pub fn decode(buf: &[u8]) -> Result<(Record, usize), Bad> {
     for _ in 0..n {
         let k = c.bytes16().ok_or(malformed)?;
         let v = c.bytes32().ok_or(malformed)?;
-        headers.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+        headers.push((header_name(k), Cow::Owned(v.to_vec())));
     }
     let value = c.bytes32().ok_or(malformed)?.to_vec();
     if c.at != body.len() {
@@ -283,7 +306,7 @@ mod tests {
             dlq: false,
             seq: Some(42),
             key: Some(b"dev-1".to_vec()),
-            headers: vec![("schema".into(), b"1".to_vec())],
+            headers: vec![("schema".into(), b"1".as_slice().into())],
             value: br#"{"device_id":"dev-1"}"#.to_vec(),
         }
     }

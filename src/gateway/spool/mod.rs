@@ -36,8 +36,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-pub use self::format::Record;
 use self::format::{Bad, SEGMENT_HEADER_LEN};
+pub use self::format::{Header, Record};
 pub use self::reader::SpoolReader;
 
 /// What to do when `max_bytes` (or the disk) is full.

@@ -61,7 +61,7 @@ fn reading(n: u64) -> Record {
         ts_ms: Some(1_700_000_000_000 + n as i64),
         seq: Some(n),
         key: Some(format!("dev-{}", n % 7).into_bytes()),
-        headers: vec![("schema".into(), b"1".to_vec())],
+        headers: vec![("schema".into(), b"1".as_slice().into())],
         value: format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat((n % 50) as usize)).into_bytes(),
         ..Record::default()
     }
