@@ -310,6 +310,24 @@ enum Out {
 }
 
 impl Out {
+    /// Hands on what this wake-up accepted.
+    fn send_batch(&mut self) -> Result<(), GatewayError> {
+        match self {
+            Out::Spool(w, batch) if !batch.is_empty() => {
+                w.tx.send(std::mem::take(batch))
+                    .map_err(|_| GatewayError::Spool("the writer thread stopped".into()))
+            }
+            Out::Memory(tx, batch) if !batch.is_empty() => {
+                let stopped = tx.send(std::mem::take(batch)).is_err();
+                if stopped {
+                    warn!("forwarder stopped; readings left unacknowledged");
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn close(&mut self) {
         if let Out::Spool(w, _) = std::mem::replace(self, Out::Closed) {
             w.finish();
@@ -447,19 +465,7 @@ impl Pipeline {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             }
             notifier.alive();
-            match &mut self.out {
-                Out::Spool(w, batch) if !batch.is_empty() => {
-                    if w.tx.send(std::mem::take(batch)).is_err() {
-                        return Err(GatewayError::Spool("the writer thread stopped".into()));
-                    }
-                }
-                Out::Memory(tx, batch) if !batch.is_empty() => {
-                    if tx.send(std::mem::take(batch)).is_err() {
-                        warn!("forwarder stopped; readings left unacknowledged");
-                    }
-                }
-                _ => {}
-            }
+            self.out.send_batch()?;
             self.flush_acks(acker);
             if deadline.is_some() && self.pending == 0 {
                 info!("every accepted reading settled");
