@@ -152,15 +152,17 @@ pub async fn run(
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
-        // Catch-up memory is librdkafka's prefetch. 1 MiB per partition (the
-        // default) is slow (~170k readings/s here); 4 MiB per partition with a
-        // 50 MiB fetch and a 16 MiB queue was fast but peaked at 270 MiB RSS;
-        // an 8 MiB fetch, an 8 MiB queue and 10,000 prefetched records per
-        // partition (default 100,000) peaked at 165 MiB (BENCHMARKS.md).
-        .set("max.partition.fetch.bytes", "4194304")
-        .set("fetch.max.bytes", "8388608")
-        .set("queued.max.messages.kbytes", "8192")
+        // Catch-up memory is librdkafka's prefetch: a fetch's compressed bytes
+        // become a few times more in messages plus ~200 B of bookkeeping each
+        // (an 8 MiB fetch peaked at 165 MiB RSS). Small fetches keep it low;
+        // what made them slow was librdkafka waiting fetch.queue.backoff.ms
+        // (default 1 s) whenever the local queue was over its bound. With
+        // 10 ms: 1 MiB fetches, ~45 MiB peak, over 450k readings/s here.
+        .set("max.partition.fetch.bytes", "262144")
+        .set("fetch.max.bytes", "1048576")
+        .set("queued.max.messages.kbytes", "2048")
         .set("queued.min.messages", "10000")
+        .set("fetch.queue.backoff.ms", "10")
         // Incremental rebalancing: when an instance joins or dies only the
         // partitions that move are revoked, so the others keep their devices'
         // state instead of all starting again from the committed offsets.
