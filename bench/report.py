@@ -231,21 +231,29 @@ def write(out, root: Path):
         "Python bridge is bound to one core (GIL) and also acks MQTT before Kafka has the reading. On a machine "
         "where the load does not share the cores, the CPU ratio is what the throughput ratio tends to.",
         f"- **Gateway CPU per reading** (drain: {_fmt(dc('gateway_nospool'), 2)} us spool off, "
-        f"{_fmt(dc('gateway_spool'), 2)} us spool on, against 3 and 4 us: missed). A `perf` profile (DWARF call "
-        "graphs) of a spool-off drain on one runtime thread: 32% the forwarder (handing each record to librdkafka "
-        "with its three headers, 13%; delivery reports, 11%), 24% the MQTT event loop, of which 15% is rumqttc "
-        "writing and flushing every PUBACK on its own (one `write` syscall per reading: its event loop flushes after "
-        "each request; bytebeamio/rumqtt#810 is open), 21% intake (JSON parse, canonical JSON, timestamps), and "
-        "malloc/free about 20% spread over all of them; librdkafka's own threads add about 2 us. Done in this round: "
-        "the JSON parse borrows from the payload instead of building a `Value` (a general path still explains "
-        "every rejection), a delivery report finds its record by index instead of a binary search, and the drain "
-        "window is 5,000 (faster than 20,000 here). What would move it further: PUBACKs batched into one write "
-        "(needs a change in rumqttc), headers built once per record for both the spool and librdkafka, and fewer "
-        "allocations per record (key, headers, value in one buffer). A multi-threaded runtime against one thread "
-        "made no difference to CPU per reading.",
+        f"{_fmt(dc('gateway_spool'), 2)} us spool on, against 3 and 4 us: missed). Per thread, in a spool-off drain "
+        "(`/proc` task times): intake (parse, validation, canonical JSON, seq tracking) about 2.5 us, the two runtime "
+        "workers (MQTT event loop and forwarder) about 4 us together, librdkafka's broker thread about 1.5 us and its "
+        "delivery-report thread about 0.8 us. A `perf` profile (DWARF call graphs) puts 21% of all samples in "
+        "malloc/free, a quarter of that inside librdkafka (a message and a copy of each of the three headers per "
+        "record), and another 4% in librdkafka encoding those headers. Done in this round: PUBACKs written in "
+        "batches (rumqttc writes and flushes each request on its own; the gateway now passes it only the first "
+        "PUBACK of a batch and writes the rest itself, one `write` per batch), the pipeline hands the forwarder one "
+        "batch per wake-up, the forwarder keeps the record it sent instead of a clone, header names and the schema "
+        "version are borrowed constants, and canonical JSON is written without `fmt` (ryu/itoa, held to `Display`'s "
+        "output by a test) with the timestamp text cached per second: about 11.6 -> 8-9 us spool off. Tried and "
+        "dropped: mimalloc (librdkafka's allocations do not go through it; RSS doubled) and a single-threaded "
+        "runtime. What would move it to 3-4 us: the per-record costs that remain are librdkafka's (about 2.3 us "
+        "with the three headers) and rumqttc's decoding (an owned topic string and payload per message), so it "
+        "needs fewer headers per record or a producer that writes record batches itself, and an MQTT decoder that "
+        "borrows from its read buffer.",
         f"- **Draining vs the peers.** The gateway drains at {_fmt(100 * (drain_ratios[1][1] or 0))}% (spool on) and "
         f"{_fmt(100 * (ratio(d('gateway_nospool'), d('mqtt')) or 0))}% (spool off) of what Mosquitto delivers to a "
-        "subscriber that does nothing but ack. The broker is not what limits it: Mosquitto used "
+        "subscriber that does nothing but ack (`mosquitto_sub`, which also prints every message; the broker spent "
+        f"about as much CPU on it, {_fmt(_m(g('drain_mqtt'), 'broker_cpu_pct'))}% of a core, as on the gateway "
+        f"without the spool, {_fmt(_m(g('drain_gateway_nospool'), 'broker_cpu_pct'))}%, so neither reached the "
+        "broker's limit, and the gateway without the spool can pass that reference). The broker "
+        "is not what limits the gateway either: Mosquitto used "
         f"{_fmt(_m(g('drain_gateway_spool'), 'broker_cpu_pct'))}% of a core while the gateway drained, against "
         f"{_fmt(_m(g('drain_mqtt'), 'broker_cpu_pct'))}% for the counting subscriber. The gateway itself used about "
         f"{_fmt((d('gateway_spool') or 0) * (dc('gateway_spool') or 0) / 1e6, 2)} cores (rate x CPU per reading) of "
@@ -263,12 +271,12 @@ def write(out, root: Path):
         "the read buffer, and PUBACKs never wait (so the two cannot deadlock). Peak RSS no longer grows with the "
         "backlog (300,000 and 600,000 both drain in the same memory).",
         f"- **Aggregator** ({_fmt(_m(g('aggregator')))} readings/s, peak RSS "
-        f"{_fmt(_m(g('aggregator'), 'peak_rss_mib'), 1)} MiB against 250,000/s and 100 MiB). The catch-up memory is "
-        "librdkafka's prefetch, not the device state (10,000 devices are a few MiB): with 4 MiB per partition, a "
-        "50 MiB fetch and 100,000 prefetched records per partition it peaked at 270 MiB; an 8 MiB fetch, an 8 MiB "
-        "queue and 10,000 records per partition bring it to about 165 MiB at a somewhat lower rate, and 1 MiB per "
-        "partition to 123 MiB at 170,000/s. Both targets at once need a consumer that does not prefetch whole "
-        "fetches per partition (e.g. a smaller fetch with more partitions, or the aggregator on two threads).",
+        f"{_fmt(_m(g('aggregator'), 'peak_rss_mib'), 1)} MiB; it was 217,691/s at 161 MiB). heaptrack showed the "
+        "peak was librdkafka's per-message bookkeeping (about 200 B each) for the messages of an 8 MiB fetch: a fetch "
+        "is counted in compressed bytes and holds a few times more in messages. Small fetches (256 KiB per partition, "
+        "1 MiB each, a 2 MiB queue) had been slow only because librdkafka waits `fetch.queue.backoff.ms` (default "
+        "1 s) before the next fetch whenever the local queue is over its bound; at 10 ms the consumer is both "
+        "faster and about four times smaller.",
         f"- **Many device ids.** With the default bounds (50,000 devices each) a million invented ids cost the "
         f"gateway {_fmt(_m(g('many_devices'), 'gateway_peak_rss_mib'), 1)} MiB and the aggregator "
         f"{_fmt(_m(g('many_devices'), 'aggregator_peak_rss_mib'), 1)} MiB at their peaks (at 300,000 ids with a "
@@ -283,13 +291,18 @@ def write(out, root: Path):
         "private memory (two OpenSSL contexts: librdkafka's and the MQTT client's, each with the CA loaded). "
         "What would move the total: building with `opt-level = \"s\"` (smaller code, but more CPU per reading, "
         "against the #13 targets), or one TLS library for both clients. Not done.",
-        f"- **Latency**: p99 at 10,000 readings/s includes one spool fsync (this disk: fsync p99 "
-        f"{_fmt(_m(g('drain_gateway_spool'), 'fsync_p99_ms'), 1)} ms in the drain case), which is what misses 20 ms.",
+        f"- **Latency**: p99 at 10,000 readings/s is {_range(g('latency_10k'), 'p99_ms', 1)} ms with the spool "
+        f"and {_range(g('latency_10k_nospool'), 'p99_ms', 1)} ms without it, in the same run; the spread with the "
+        "spool is the disk's. With the spool a "
+        "reading is forwarded once it is fsynced (the forwarder reads only what is durable), so its time includes a "
+        f"group fsync on this disk (p99 {_fmt(_m(g('drain_gateway_spool'), 'fsync_p99_ms'), 1)} ms in the drain "
+        "case). What would move it: forwarding records as soon as they are written and acknowledging MQTT after the "
+        "fsync, which needs a spool checkpoint that may lead the fsynced end after a power cut; not done.",
     ]
     if out["failures"]:
         lines += ["", "## Failed cases", ""] + [f"- {f}" for f in out["failures"]]
     lines += ["", "![throughput and CPU per reading by case](bench/chart.png)", "",
-              "Reproduce: `scripts/bench` (full, ~5 min) or `scripts/bench --quick` (harness check, part of `scripts/test`). "
+              "Reproduce: `scripts/bench` (full, ~20 min with the package build) or `scripts/bench --quick` (harness check, part of `scripts/test`). "
               "Raw numbers: `bench/results.json`.", ""]
     (root / "BENCHMARKS.md").write_text("\n".join(lines))
     chart(out, root / "bench" / "chart.png")

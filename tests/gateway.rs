@@ -566,6 +566,52 @@ async fn sigterm_mid_stream_then_restart_loses_nothing() {
     );
 }
 
+/// PUBACKs go out in batches (the first through rumqttc, the rest written by
+/// the gateway): if any were lost, the broker would send them again to the
+/// restarted gateway. Spool off, so nothing downstream hides a repeat; more
+/// readings than the broker's in-flight window, so a lost one would also stall.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_puback_is_written_so_a_restart_gets_nothing_again() {
+    let s = Setup::new("gw-acks").await;
+    let extra = [("GATEWAY__SPOOL__ENABLED", "false".to_string())];
+    let mut gw = s.start(&extra, "gateway-1");
+    s.wait_ready(&mut gw).await;
+    let (host, port) = common::mqtt_host_port();
+    let msgs = readings(&s, 20, 1..=1500);
+    let total = msgs.len() as f64;
+    publish_all(&host, port, &msgs, None).await;
+    let all_acked = common::eventually(Duration::from_secs(60), || {
+        s.metric("gateway_mqtt_acks_total", &[]) >= total
+    })
+    .await;
+    assert!(all_acked, "not all acknowledged; log:\n{}", gw.log_text());
+    assert_eq!(s.metric("gateway_readings_delivered_total", &[]), total);
+    let status = gw.terminate(Duration::from_secs(20)).expect("exits");
+    assert_eq!(status.code(), Some(0), "exit 0; log:\n{}", gw.log_text());
+
+    let mut gw2 = s.start(&extra, "gateway-2");
+    s.wait_ready(&mut gw2).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        s.metric("gateway_readings_received_total", &[]),
+        0.0,
+        "the broker sent readings again: some PUBACKs were not written; log:\n{}",
+        gw2.log_text()
+    );
+    let records = common::consume(
+        &s.topic,
+        msgs.len(),
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(records.len(), msgs.len());
+    assert_eq!(
+        gw2.terminate(Duration::from_secs(15)).map(|s| s.code()),
+        Some(Some(0))
+    );
+}
+
 #[test]
 fn check_config_names_a_typo_d_key() {
     let dir = common::test_dir(&common::unique_name("gw-config"));
