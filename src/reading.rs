@@ -317,18 +317,53 @@ struct Plain<'a> {
     #[serde(borrow, default)]
     device_id: Option<&'a str>,
     #[serde(borrow, default)]
-    temperature: Option<&'a serde_json::value::RawValue>,
+    temperature: Option<Scalar<'a>>,
     #[serde(borrow, default)]
-    humidity: Option<&'a serde_json::value::RawValue>,
+    humidity: Option<Scalar<'a>>,
     #[serde(borrow, default)]
-    seq: Option<&'a serde_json::value::RawValue>,
+    seq: Option<Scalar<'a>>,
     #[serde(borrow, default)]
-    ts: Option<&'a serde_json::value::RawValue>,
+    ts: Option<Scalar<'a>>,
+}
+
+/// A number, or a string without escapes; anything else fails the fast path.
+/// serde_json hands a number over as it would to `from_str::<f64/u64/i64>`,
+/// so the values equal the general path's.
+enum Scalar<'a> {
+    U(u64),
+    I(i64),
+    F(f64),
+    S(&'a str),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Scalar<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Scalar<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number or a string")
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Scalar::U(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(Scalar::I(v))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(Scalar::F(v))
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Scalar::S(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// The fast path (most payloads): a JSON object whose fields all extract,
 /// without building a `Value` tree. `None` for anything else (a field of
-/// another type, a missing or non-finite number, escapes in `device_id`,
+/// another type, a missing or non-finite number, escapes in a string,
 /// duplicate keys), which `parse_general` then explains. Both paths extract
 /// the same values, so the result never depends on the path taken.
 fn plain_fields(text: &str) -> Option<Fields<'_>> {
@@ -336,28 +371,31 @@ fn plain_fields(text: &str) -> Option<Fields<'_>> {
         return None; // serde would also take an array as a struct
     }
     let p: Plain<'_> = serde_json::from_str(text).ok()?;
-    let number = |raw: Option<&serde_json::value::RawValue>| -> Option<f64> {
-        let x = match text_of(raw?.get())? {
-            (true, s) => s.trim().parse::<f64>().ok()?,
-            (false, t) => serde_json::from_str::<f64>(t).ok()?,
+    let number = |v: Option<Scalar<'_>>| -> Option<f64> {
+        let x = match v? {
+            Scalar::U(u) => u as f64,
+            Scalar::I(i) => i as f64,
+            Scalar::F(f) => f,
+            Scalar::S(s) => s.trim().parse::<f64>().ok()?,
         };
         x.is_finite().then_some(x)
     };
     let seq = match p.seq {
         None => None,
-        Some(raw) => Some(match text_of(raw.get())? {
-            (true, s) => s.trim().parse::<u64>().ok()?,
-            (false, t) => serde_json::from_str::<u64>(t).ok()?,
-        }),
+        Some(Scalar::U(u)) => Some(u),
+        Some(Scalar::S(s)) => Some(s.trim().parse::<u64>().ok()?),
+        Some(_) => return None,
     };
     let ts_ms = match p.ts {
         None => None,
-        Some(raw) => Some(match text_of(raw.get())? {
-            (true, s) => DateTime::parse_from_rfc3339(s.trim())
+        Some(Scalar::U(u)) => Some(i64::try_from(u).ok()?),
+        Some(Scalar::I(i)) => Some(i),
+        Some(Scalar::S(s)) => Some(
+            DateTime::parse_from_rfc3339(s.trim())
                 .ok()?
                 .timestamp_millis(),
-            (false, t) => serde_json::from_str::<i64>(t).ok()?,
-        }),
+        ),
+        Some(Scalar::F(_)) => return None,
     };
     Some(Fields {
         device_id: Ok(p.device_id),
@@ -366,16 +404,6 @@ fn plain_fields(text: &str) -> Option<Fields<'_>> {
         seq: Ok(seq),
         ts_ms: Ok(ts_ms),
     })
-}
-
-/// A raw JSON value as (is a string, its text): an unescaped string's
-/// contents, or the token itself.
-fn text_of(raw: &str) -> Option<(bool, &str)> {
-    if raw.starts_with('"') {
-        serde_json::from_str::<&str>(raw).ok().map(|s| (true, s))
-    } else {
-        Some((false, raw))
-    }
 }
 
 /// Any payload, through a `Value` tree: every rejection explained.
@@ -709,6 +737,15 @@ mod tests {
             (true, r#"{"temperature":-99,"humidity":40}"#), // out of range: rejected the same way
             (
                 true,
+                r#"{"temperature":-5,"humidity":4.05e1,"seq":18446744073709551615}"#,
+            ),
+            (
+                true,
+                r#"{"temperature":123456789012345678901234567890,"humidity":1E-2,"seq":0}"#,
+            ), // integer past u64: a float on both paths (then out of range)
+            (true, r#"{"temperature":20,"humidity":40,"ts":-1}"#),
+            (
+                true,
                 r#"{"temperature":20,"humidity":40,"device_id":"other"}"#,
             ), // mismatch
             (
@@ -722,6 +759,14 @@ mod tests {
             (false, r#"{"humidity":40}"#),
             (false, r#"{"temperature":20,"humidity":40,"seq":-1}"#),
             (false, r#"{"temperature":20,"humidity":40,"seq":1.5}"#),
+            (false, r#"{"temperature":1e400,"humidity":40}"#),
+            (false, r#"{"temperature":20,"humidity":40,"ts":1.5}"#),
+            (
+                false,
+                r#"{"temperature":20,"humidity":40,"ts":9223372036854775808}"#,
+            ),
+            (false, r#"{"temperature":"2\u0030","humidity":40}"#),
+            (false, r#"{"temperature":[20],"humidity":40}"#),
             (
                 false,
                 r#"{"temperature":20,"humidity":40,"ts":"yesterday"}"#,

@@ -4,34 +4,52 @@
 //! new `ts`, so it is never taken for a duplicate. Bounded: the oldest entries
 //! are forgotten first.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{HashSet, VecDeque};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 #[derive(Debug)]
 pub struct Recent {
-    seen: HashSet<u64>,
+    /// Fingerprints, keyed per process so that clients cannot aim at one
+    /// bucket; being hashes already, the set uses them as they are.
+    seen: HashSet<u64, BuildHasherDefault<AsIs>>,
     order: VecDeque<u64>,
     capacity: usize,
+    keys: RandomState,
 }
 
-fn fingerprint(device: &[u8], seq: u64, ts_ms: i64) -> u64 {
-    let mut h = DefaultHasher::new();
-    (device, seq, ts_ms).hash(&mut h);
-    h.finish()
+/// The hasher of a set of hashes.
+#[derive(Default)]
+struct AsIs(u64);
+
+impl Hasher for AsIs {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used; this keeps other input correct anyway.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 impl Recent {
     pub fn new(capacity: usize) -> Self {
         Recent {
-            seen: HashSet::with_capacity(capacity.min(1 << 16)),
+            seen: HashSet::with_capacity_and_hasher(capacity.min(1 << 16), Default::default()),
             order: VecDeque::new(),
             capacity,
+            keys: RandomState::new(),
         }
     }
 
     /// True if this reading was seen recently; otherwise remembers it.
     pub fn check_and_insert(&mut self, device: &[u8], seq: u64, ts_ms: i64) -> bool {
-        let f = fingerprint(device, seq, ts_ms);
+        let f = self.keys.hash_one((device, seq, ts_ms));
         if !self.seen.insert(f) {
             return true;
         }

@@ -29,7 +29,7 @@ use super::delivered::{self, Positions};
 use super::intake::dead_letter;
 use super::kafka::{self, GatewayProducer, Meta, ProducerSlot, Report};
 use super::metrics::{self, GatewayMetrics};
-use super::spool::{Record, Spool, SpoolReader};
+use super::spool::{Record, RecordRef, Spool, SpoolReader};
 use super::GatewayError;
 use crate::config::{DeliveryMode, KafkaConfig};
 
@@ -85,7 +85,6 @@ pub struct Forwarder {
     /// Every id below this is settled (the spool checkpoint).
     settled_through: Option<u64>,
     checkpointed: u64,
-    batch: Vec<Record>,
     settled_ids: Vec<u64>,
     /// Where the checkpointed prefix ends in each partition (spool only).
     positions: Positions,
@@ -130,7 +129,6 @@ impl Forwarder {
             retries: VecDeque::new(),
             settled_through: None,
             checkpointed: 0,
-            batch: Vec::with_capacity(READ_BATCH),
             settled_ids: Vec::new(),
             positions: Positions::new(&cfg.topic),
             positions_changed: false,
@@ -251,35 +249,34 @@ impl Forwarder {
     fn read_spool(&mut self, reader: &mut SpoolReader) -> Result<(), GatewayError> {
         while self.in_flight.len() < self.window {
             let room = (self.window - self.in_flight.len()).min(READ_BATCH);
-            self.batch.clear();
             let corrupt = reader.corrupt_skipped;
             let n = reader
-                .read(room, &mut self.batch)
+                .read_with(room, |rec| self.forward_spooled(rec))
                 .map_err(|e| GatewayError::Spool(format!("reading the spool: {e}")))?;
             self.metrics
                 .spool_dropped_corrupt(reader.corrupt_skipped - corrupt);
-            let mut batch = std::mem::take(&mut self.batch);
-            for rec in batch.drain(..) {
-                self.start(rec.offset, rec.received_ms, None);
-                if self.replay_left == 0 && !self.in_kafka.is_empty() {
-                    self.in_kafka = HashSet::new(); // past the resent records
-                }
-                let replayed = self.replay_left > 0;
-                self.replay_left = self.replay_left.saturating_sub(1);
-                if replayed && !rec.dlq && self.in_kafka.remove(&delivered::fingerprint(&rec.value))
-                {
-                    self.metrics.already_in_kafka();
-                    self.mark(rec.offset, None);
-                    continue;
-                }
-                self.send(rec, 0);
-            }
-            self.batch = batch;
             if n < room {
                 break;
             }
         }
         Ok(())
+    }
+
+    fn forward_spooled(&mut self, rec: RecordRef<'_>) {
+        self.start(rec.offset, rec.received_ms, None);
+        if self.replay_left == 0 && !self.in_kafka.is_empty() {
+            self.in_kafka = HashSet::new(); // past the resent records
+        }
+        let replayed = self.replay_left > 0;
+        self.replay_left = self.replay_left.saturating_sub(1);
+        if replayed && !rec.dlq && self.in_kafka.remove(&delivered::fingerprint(rec.value)) {
+            self.metrics.already_in_kafka();
+            self.mark(rec.offset, None);
+            return;
+        }
+        if let Err((e, meta)) = self.produce(&rec, 0) {
+            self.on_failure(e, rec.to_owned(), meta);
+        }
     }
 
     fn start(&mut self, id: u64, received_ms: i64, copy: Option<Record>) {
@@ -337,7 +334,7 @@ impl Forwarder {
     /// if the producer is replaced (with the spool the reader rewinds instead).
     fn send_kept(&mut self, rec: Record) {
         self.start(rec.offset, rec.received_ms, None);
-        let failed = self.produce(&rec, 0);
+        let failed = self.produce(&rec.view(), 0);
         let copy = match failed {
             Ok(()) => rec,
             Err((e, meta)) => {
@@ -357,23 +354,23 @@ impl Forwarder {
     }
 
     fn send(&mut self, rec: Record, attempts: u32) {
-        if let Err((e, meta)) = self.produce(&rec, attempts) {
+        if let Err((e, meta)) = self.produce(&rec.view(), attempts) {
             self.on_failure(e, rec, meta);
         }
     }
 
     /// Hands `rec` to librdkafka; on a refusal the delivery opaque comes back.
-    fn produce(&self, rec: &Record, attempts: u32) -> Result<(), (KafkaError, Box<Meta>)> {
+    fn produce(&self, rec: &RecordRef<'_>, attempts: u32) -> Result<(), (KafkaError, Box<Meta>)> {
         let topic = if rec.dlq {
             self.cfg.dlq_topic.as_str()
         } else {
             self.cfg.topic.as_str()
         };
-        let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
-        for (k, v) in &rec.headers {
+        let mut headers = OwnedHeaders::new_with_capacity(3);
+        for (key, v) in rec.headers() {
             headers = headers.insert(Header {
-                key: k,
-                value: Some(&v[..]),
+                key,
+                value: Some(v),
             });
         }
         let meta = Box::new(Meta {
@@ -382,10 +379,8 @@ impl Forwarder {
             dlq: rec.dlq,
             generation: self.generation,
             reason: if rec.dlq {
-                rec.headers
-                    .iter()
-                    .find(|(k, _)| k == "reason")
-                    .and_then(|(_, v)| self.metrics.reason_code(v))
+                rec.header("reason")
+                    .and_then(|v| self.metrics.reason_code(v))
             } else {
                 None
             },
@@ -393,10 +388,10 @@ impl Forwarder {
             attempts: attempts + 1,
         });
         let mut br: BaseRecord<'_, [u8], [u8], Box<Meta>> = BaseRecord::with_opaque_to(topic, meta)
-            .payload(&rec.value[..])
+            .payload(rec.value)
             .headers(headers);
-        if let Some(k) = &rec.key {
-            br = br.key(&k[..]);
+        if let Some(k) = rec.key {
+            br = br.key(k);
         }
         if let Some(ts) = rec.ts_ms {
             br = br.timestamp(ts);

@@ -155,8 +155,90 @@ pub fn peek_offset(buf: &[u8]) -> u64 {
     u64::from_le_bytes(o)
 }
 
+/// A record as it lies in a read buffer (or a [`Record`] seen through
+/// [`Record::view`]): what the forwarder produces from, with no copies.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRef<'a> {
+    pub offset: u64,
+    pub received_ms: i64,
+    pub ts_ms: Option<i64>,
+    pub dlq: bool,
+    pub seq: Option<u64>,
+    pub key: Option<&'a [u8]>,
+    headers: Headers<'a>,
+    pub value: &'a [u8],
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Headers<'a> {
+    /// `count` headers as encoded, already checked by [`decode_ref`].
+    Encoded {
+        bytes: &'a [u8],
+        count: u16,
+    },
+    List(&'a [Header]),
+}
+
+impl<'a> RecordRef<'a> {
+    /// Its headers, in order.
+    pub fn headers(&self) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
+        let (mut list, mut c, mut left) = match self.headers {
+            Headers::Encoded { bytes, count } => (None, Cursor { b: bytes, at: 0 }, count),
+            Headers::List(l) => (Some(l.iter()), Cursor { b: &[], at: 0 }, 0),
+        };
+        std::iter::from_fn(move || match &mut list {
+            Some(l) => l.next().map(|(k, v)| (k.as_ref(), v.as_ref())),
+            None => {
+                left = left.checked_sub(1)?;
+                let k = std::str::from_utf8(c.bytes16()?).ok()?;
+                Some((k, c.bytes32()?))
+            }
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+        self.headers().find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+
+    pub fn to_owned(&self) -> Record {
+        Record {
+            offset: self.offset,
+            received_ms: self.received_ms,
+            ts_ms: self.ts_ms,
+            dlq: self.dlq,
+            seq: self.seq,
+            key: self.key.map(<[u8]>::to_vec),
+            headers: self
+                .headers()
+                .map(|(k, v)| (header_name(k.as_bytes()), Cow::Owned(v.to_vec())))
+                .collect(),
+            value: self.value.to_vec(),
+        }
+    }
+}
+
+impl Record {
+    pub fn view(&self) -> RecordRef<'_> {
+        RecordRef {
+            offset: self.offset,
+            received_ms: self.received_ms,
+            ts_ms: self.ts_ms,
+            dlq: self.dlq,
+            seq: self.seq,
+            key: self.key.as_deref(),
+            headers: Headers::List(&self.headers),
+            value: &self.value,
+        }
+    }
+}
+
 /// Decodes the record at the start of `buf`; returns it and the bytes it took.
 pub fn decode(buf: &[u8]) -> Result<(Record, usize), Bad> {
+    decode_ref(buf).map(|(r, n)| (r.to_owned(), n))
+}
+
+/// [`decode`] without copying: the record borrows from `buf`.
+pub fn decode_ref(buf: &[u8]) -> Result<(RecordRef<'_>, usize), Bad> {
     let total = record_len(buf)?;
     let len = (total - RECORD_PREFIX_LEN) as u32;
     let want = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
@@ -171,20 +253,24 @@ pub fn decode(buf: &[u8]) -> Result<(Record, usize), Bad> {
     let ts = c.u64().ok_or(malformed)? as i64;
     let flags = c.take(1).ok_or(malformed)?[0];
     let seq = c.u64().ok_or(malformed)?;
-    let key = c.bytes16().ok_or(malformed)?.to_vec();
-    let n = c.u16().ok_or(malformed)?;
-    let mut headers = Vec::with_capacity(n as usize);
-    for _ in 0..n {
-        let k = c.bytes16().ok_or(malformed)?;
-        let v = c.bytes32().ok_or(malformed)?;
-        headers.push((header_name(k), Cow::Owned(v.to_vec())));
+    let key = c.bytes16().ok_or(malformed)?;
+    let count = c.u16().ok_or(malformed)?;
+    let start = c.at;
+    for _ in 0..count {
+        // Checked here so that `headers()` cannot stop early.
+        std::str::from_utf8(c.bytes16().ok_or(malformed)?).map_err(|_| malformed)?;
+        c.bytes32().ok_or(malformed)?;
     }
-    let value = c.bytes32().ok_or(malformed)?.to_vec();
+    let headers = Headers::Encoded {
+        bytes: &body[start..c.at],
+        count,
+    };
+    let value = c.bytes32().ok_or(malformed)?;
     if c.at != body.len() {
         return Err(malformed);
     }
     Ok((
-        Record {
+        RecordRef {
             offset,
             received_ms,
             ts_ms: (flags & FLAG_TS != 0).then_some(ts),
@@ -335,6 +421,26 @@ mod tests {
         none.offset = 8;
         assert_eq!(b, none);
         assert_eq!(n + m, buf.len());
+    }
+
+    #[test]
+    fn borrowed_decode_and_view_show_the_same_record() {
+        let mut rec = sample();
+        rec.headers
+            .push(("reason".into(), b"bad_json".as_slice().into()));
+        let mut buf = Vec::new();
+        encode(&rec, 7, &mut buf);
+        rec.offset = 7;
+        let (r, n) = decode_ref(&buf).unwrap();
+        assert_eq!(n, buf.len());
+        let heads = r.headers().collect::<Vec<_>>();
+        assert_eq!(heads, rec.view().headers().collect::<Vec<_>>());
+        assert_eq!(heads.len(), 2);
+        assert_eq!(r.header("reason"), Some(b"bad_json".as_slice()));
+        assert_eq!(r.header("detail"), None);
+        assert_eq!((r.key, r.value), (rec.key.as_deref(), &rec.value[..]));
+        assert_eq!(r.to_owned(), rec);
+        assert_eq!(rec.view().to_owned(), rec);
     }
 
     #[test]

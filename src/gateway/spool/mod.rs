@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use self::format::{Bad, SEGMENT_HEADER_LEN};
-pub use self::format::{Header, Record};
+pub use self::format::{Header, Record, RecordRef};
 pub use self::reader::SpoolReader;
 
 /// What to do when `max_bytes` (or the disk) is full.

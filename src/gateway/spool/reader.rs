@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::format::{self, Bad, Record, RECORD_PREFIX_LEN, SEGMENT_HEADER_LEN};
+use super::format::{self, Bad, Record, RecordRef, RECORD_PREFIX_LEN, SEGMENT_HEADER_LEN};
 use super::{list_segments, Shared};
 
 #[derive(Debug)]
@@ -49,6 +49,12 @@ impl SpoolReader {
 
     /// Appends up to `max` durable records to `out`, in offset order.
     pub fn read(&mut self, max: usize, out: &mut Vec<Record>) -> io::Result<usize> {
+        self.read_with(max, |r| out.push(r.to_owned()))
+    }
+
+    /// Passes up to `max` durable records to `f`, in offset order, each
+    /// borrowed from the read buffer.
+    pub fn read_with(&mut self, max: usize, mut f: impl FnMut(RecordRef<'_>)) -> io::Result<usize> {
         let durable = self.shared.durable.load(Ordering::Acquire);
         let shared = self.shared.clone();
         let mut pos = shared.pos();
@@ -64,10 +70,10 @@ impl SpoolReader {
             match self.next_record()? {
                 Some(r) if r.offset >= pos.next => {
                     pos.next = r.offset + 1;
+                    f(r);
                     if let Some(o) = &mut self.open {
                         o.at = pos.next;
                     }
-                    out.push(r);
                     n += 1;
                 }
                 Some(_) => {}
@@ -142,14 +148,14 @@ impl SpoolReader {
 
     /// The record at the cursor, or `None` at the end of the segment (or at a
     /// damaged record, which is counted and ends the segment).
-    fn next_record(&mut self) -> io::Result<Option<Record>> {
+    fn next_record(&mut self) -> io::Result<Option<RecordRef<'_>>> {
         let Some(o) = &mut self.open else {
             return Ok(None);
         };
         let why = match read_record(&mut o.file, &mut self.buf)? {
             Next::End => return Ok(None),
             Next::Damaged => "record length out of range",
-            Next::Record => match format::decode(&self.buf) {
+            Next::Record => match format::decode_ref(&self.buf) {
                 Ok((r, _)) => return Ok(Some(r)),
                 Err(Bad::Corrupt(why)) => why,
                 Err(Bad::Incomplete) => "incomplete record",
