@@ -262,6 +262,9 @@ impl Forwarder {
         Ok(())
     }
 
+    /// Hands one record read back from the spool to Kafka, unless a replay
+    /// after a restart found it there already. It stays borrowed from the
+    /// reader's buffer; an owned copy is made only if librdkafka refuses it.
     fn forward_spooled(&mut self, rec: RecordRef<'_>) {
         self.start(rec.offset, rec.received_ms, None);
         if self.replay_left == 0 && !self.in_kafka.is_empty() {
@@ -366,7 +369,7 @@ impl Forwarder {
         } else {
             self.cfg.topic.as_str()
         };
-        let mut headers = OwnedHeaders::new_with_capacity(3);
+        let mut headers = OwnedHeaders::new_with_capacity(rec.header_count());
         for (key, v) in rec.headers() {
             headers = headers.insert(Header {
                 key,

@@ -196,6 +196,13 @@ impl<'a> RecordRef<'a> {
         })
     }
 
+    pub fn header_count(&self) -> usize {
+        match self.headers {
+            Headers::Encoded { count, .. } => usize::from(count),
+            Headers::List(l) => l.len(),
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<&'a [u8]> {
         self.headers().find(|(k, _)| *k == name).map(|(_, v)| v)
     }
@@ -435,7 +442,10 @@ mod tests {
         assert_eq!(n, buf.len());
         let heads = r.headers().collect::<Vec<_>>();
         assert_eq!(heads, rec.view().headers().collect::<Vec<_>>());
-        assert_eq!(heads.len(), 2);
+        assert_eq!(
+            (heads.len(), r.header_count(), rec.view().header_count()),
+            (2, 2, 2)
+        );
         assert_eq!(r.header("reason"), Some(b"bad_json".as_slice()));
         assert_eq!(r.header("detail"), None);
         assert_eq!((r.key, r.value), (rec.key.as_deref(), &rec.value[..]));
