@@ -240,11 +240,13 @@ impl Record {
 }
 
 /// Decodes the record at the start of `buf`; returns it and the bytes it took.
+#[cfg(test)]
 pub fn decode(buf: &[u8]) -> Result<(Record, usize), Bad> {
     decode_ref(buf).map(|(r, n)| (r.to_owned(), n))
 }
 
-/// [`decode`] without copying: the record borrows from `buf`.
+/// Decodes the record at the start of `buf`, borrowed from it; returns it and
+/// the bytes it took.
 pub fn decode_ref(buf: &[u8]) -> Result<(RecordRef<'_>, usize), Bad> {
     let total = record_len(buf)?;
     let len = (total - RECORD_PREFIX_LEN) as u32;

@@ -591,11 +591,11 @@ fn recover_segment(
     let mut first_bad: Option<(usize, u64)> = None;
     let mut cut = None;
     while at < data.len() {
-        match format::decode(&data[at..]) {
+        match format::decode_ref(&data[at..]) {
             Ok((r, n)) if r.offset >= expected && r.offset < limit => {
                 if let Some(seq) = r.seq {
                     recent.push_back((
-                        r.key.clone().unwrap_or_default(),
+                        r.key.unwrap_or_default().to_vec(),
                         seq,
                         r.ts_ms.unwrap_or(0),
                     ));
@@ -701,7 +701,7 @@ fn resync(data: &[u8], from: usize, expected: u64, limit: u64) -> Option<usize> 
         let b = &data[p..];
         format::record_len(b).is_ok_and(|_| {
             let o = format::peek_offset(b);
-            o >= expected && o < limit && format::decode(b).is_ok()
+            o >= expected && o < limit && format::decode_ref(b).is_ok()
         })
     })
 }

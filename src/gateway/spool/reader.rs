@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::format::{self, Bad, Record, RecordRef, RECORD_PREFIX_LEN, SEGMENT_HEADER_LEN};
+use super::format::{self, Bad, RecordRef, RECORD_PREFIX_LEN, SEGMENT_HEADER_LEN};
 use super::{list_segments, Shared};
 
 #[derive(Debug)]
@@ -48,7 +48,8 @@ impl SpoolReader {
     }
 
     /// Appends up to `max` durable records to `out`, in offset order.
-    pub fn read(&mut self, max: usize, out: &mut Vec<Record>) -> io::Result<usize> {
+    #[cfg(test)]
+    pub fn read(&mut self, max: usize, out: &mut Vec<super::Record>) -> io::Result<usize> {
         self.read_with(max, |r| out.push(r.to_owned()))
     }
 
