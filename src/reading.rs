@@ -6,6 +6,7 @@
 //! as numbers or numeric strings, and optional `device_id`, `ts` (RFC 3339 or
 //! integer epoch milliseconds) and `seq` (per-device counter).
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -157,15 +158,55 @@ pub struct Reading {
 }
 
 impl Reading {
+    /// This reading seen as a [`ReadingRef`].
+    pub fn view(&self) -> ReadingRef<'_> {
+        ReadingRef {
+            device_id: Cow::Borrowed(&self.device_id),
+            temperature: self.temperature,
+            humidity: self.humidity,
+            seq: self.seq,
+            ts_ms: self.ts_ms,
+        }
+    }
+
     /// The canonical record value: JSON with sorted keys
     /// (`device_id`, `humidity`, `seq` when known, `temperature`, `ts`).
     pub fn to_canonical_json(&self) -> String {
         let mut out = String::with_capacity(128);
-        self.write_canonical_json(&mut out);
+        self.view().write_canonical_json(&mut out);
         out
     }
 
     /// Appends the canonical JSON to `out` (lets hot paths reuse a buffer).
+    pub fn write_canonical_json(&self, out: &mut String) {
+        self.view().write_canonical_json(out)
+    }
+}
+
+/// A validated reading whose device id is borrowed from the payload or the
+/// topic where it can be: what the hot paths use ([`parse_ref`]), without an
+/// allocation per reading.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadingRef<'a> {
+    pub device_id: Cow<'a, str>,
+    pub temperature: f64,
+    pub humidity: f64,
+    pub seq: Option<u64>,
+    pub ts_ms: i64,
+}
+
+impl ReadingRef<'_> {
+    pub fn to_owned(&self) -> Reading {
+        Reading {
+            device_id: self.device_id.clone().into_owned(),
+            temperature: self.temperature,
+            humidity: self.humidity,
+            seq: self.seq,
+            ts_ms: self.ts_ms,
+        }
+    }
+
+    /// Appends the canonical JSON (see [`Reading::to_canonical_json`]) to `out`.
     pub fn write_canonical_json(&self, out: &mut String) {
         // device_id is restricted to [A-Za-z0-9_.:-]: nothing to escape.
         out.push_str("{\"device_id\":\"");
@@ -287,6 +328,17 @@ pub fn parse(
     received_ms: i64,
     limits: &Limits,
 ) -> Result<Reading, Rejection> {
+    parse_ref(payload, topic_device, received_ms, limits).map(|r| r.to_owned())
+}
+
+/// [`parse`], borrowing the device id from `payload` or `topic_device` (owned
+/// only when the payload's id had to be unescaped).
+pub fn parse_ref<'a>(
+    payload: &'a [u8],
+    topic_device: Option<&'a str>,
+    received_ms: i64,
+    limits: &Limits,
+) -> Result<ReadingRef<'a>, Rejection> {
     if payload.len() > limits.max_payload_bytes {
         return Err(Rejection::PayloadTooLarge {
             size: payload.len(),
@@ -304,7 +356,7 @@ pub fn parse(
 
 /// The fields of a reading, each extracted or the reason it could not be.
 struct Fields<'a> {
-    device_id: Result<Option<&'a str>, Rejection>,
+    device_id: Result<Option<Cow<'a, str>>, Rejection>,
     temperature: Result<f64, Rejection>,
     humidity: Result<f64, Rejection>,
     seq: Result<Option<u64>, Rejection>,
@@ -398,7 +450,7 @@ fn plain_fields(text: &str) -> Option<Fields<'_>> {
         Some(Scalar::F(_)) => return None,
     };
     Some(Fields {
-        device_id: Ok(p.device_id),
+        device_id: Ok(p.device_id.map(Cow::Borrowed)),
         temperature: Ok(number(p.temperature)?),
         humidity: Ok(number(p.humidity)?),
         seq: Ok(seq),
@@ -407,12 +459,12 @@ fn plain_fields(text: &str) -> Option<Fields<'_>> {
 }
 
 /// Any payload, through a `Value` tree: every rejection explained.
-fn parse_general(
+fn parse_general<'a>(
     text: &str,
-    topic_device: Option<&str>,
+    topic_device: Option<&'a str>,
     received_ms: i64,
     limits: &Limits,
-) -> Result<Reading, Rejection> {
+) -> Result<ReadingRef<'a>, Rejection> {
     let value: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         // Python's json.dumps writes NaN/Infinity as bare tokens; explain those as
@@ -429,7 +481,7 @@ fn parse_general(
         other => return Err(Rejection::NotAnObject(type_name(other))),
     };
     let fields = Fields {
-        device_id: optional_string(obj, "device_id"),
+        device_id: optional_string(obj, "device_id").map(|d| d.map(|d| Cow::Owned(d.to_string()))),
         temperature: number_field(obj, "temperature"),
         humidity: number_field(obj, "humidity"),
         seq: seq_field(obj),
@@ -440,24 +492,24 @@ fn parse_general(
 
 /// Checks in a fixed order, so a payload with several faults is always
 /// rejected for the same one.
-fn finish(
-    f: Fields<'_>,
-    topic_device: Option<&str>,
+fn finish<'a>(
+    f: Fields<'a>,
+    topic_device: Option<&'a str>,
     received_ms: i64,
     limits: &Limits,
-) -> Result<Reading, Rejection> {
+) -> Result<ReadingRef<'a>, Rejection> {
     let device_id = match (topic_device, f.device_id?) {
         (Some(t), Some(p)) if t != p => {
             return Err(Rejection::DeviceIdMismatch {
                 topic: truncate_for_message(t),
-                payload: truncate_for_message(p),
+                payload: truncate_for_message(&p),
             })
         }
-        (Some(t), _) => t,
+        (Some(t), _) => Cow::Borrowed(t),
         (None, Some(p)) => p,
         (None, None) => return Err(Rejection::NoDeviceId),
     };
-    check_device_id(device_id)?;
+    check_device_id(&device_id)?;
 
     let temperature = f.temperature?;
     let humidity = f.humidity?;
@@ -479,8 +531,8 @@ fn finish(
         Some(ts) => check_ts(ts, received_ms, limits)?,
     };
 
-    Ok(Reading {
-        device_id: device_id.to_string(),
+    Ok(ReadingRef {
+        device_id,
         temperature,
         humidity,
         seq,
@@ -791,7 +843,11 @@ mod tests {
                 }
                 None => assert!(!fast, "fast path missed {text}"),
             }
-            assert_eq!(parse(text.as_bytes(), Some("dev-1"), NOW, &l), general);
+            assert_eq!(parse_ref(text.as_bytes(), Some("dev-1"), NOW, &l), general);
+            assert_eq!(
+                parse(text.as_bytes(), Some("dev-1"), NOW, &l),
+                general.map(|r| r.to_owned())
+            );
         }
     }
 
