@@ -58,6 +58,23 @@ impl<V> DeviceMap<V> {
         }
     }
 
+    /// [`DeviceMap::touch`] for a caller done with the state when `f` returns:
+    /// one lookup for a known device (`touch` needs two).
+    pub fn touch_with<R>(
+        &mut self,
+        device: &str,
+        new: impl FnOnce() -> V,
+        f: impl FnOnce(&mut V, bool) -> R,
+    ) -> R {
+        if let Some(slot) = self.map.get_mut(device) {
+            self.clock += 1;
+            slot.seen = self.clock;
+            return f(&mut slot.value, false);
+        }
+        let (v, created) = self.touch(device, new);
+        f(v, created)
+    }
+
     /// Drops the `n` least recently seen devices.
     fn evict(&mut self, n: usize) {
         let n = n.min(self.map.len());

@@ -25,9 +25,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::acks::AckEvent;
+use super::batch::{Batch, BufPool};
 use super::delivered::{self, Positions};
 use super::intake::dead_letter;
-use super::kafka::{self, GatewayProducer, Meta, ProducerSlot, Report};
+use super::kafka::{self, GatewayProducer, ProducerSlot, Report};
 use super::metrics::{self, GatewayMetrics};
 use super::spool::{Record, RecordRef, Spool, SpoolReader};
 use super::GatewayError;
@@ -44,10 +45,13 @@ pub enum Feed {
         /// Records recovery found not yet acknowledged by Kafka.
         pending: u64,
     },
-    /// Spool disabled: (ack id, record) from the pipeline; settled ids go back.
+    /// Spool disabled: the pipeline's batches (records whose offsets are
+    /// their ack ids); settled ids go back.
     Memory {
-        rx: mpsc::UnboundedReceiver<Vec<(u64, Record)>>,
+        rx: mpsc::UnboundedReceiver<Batch>,
         settled: mpsc::UnboundedSender<AckEvent>,
+        /// Where a batch's buffer goes once its records are settled.
+        pool: BufPool,
     },
 }
 
@@ -58,16 +62,18 @@ struct Retry {
     record: Record,
 }
 
-/// One record handed to Kafka.
+/// One record handed to Kafka: what its delivery report needs besides the id.
 struct Sent {
     id: u64,
     received_ms: i64,
-    settled: bool,
-    /// Spool disabled: the record, to send again if the producer is replaced
-    /// (with the spool the reader rewinds instead).
-    copy: Option<Record>,
     /// (partition, offset) in the topic, once acknowledged there.
     at: Option<(i32, i64)>,
+    settled: bool,
+    /// A dead-letter record, and its reason code (for the metric).
+    dlq: bool,
+    reason: Option<&'static str>,
+    /// Times handed to librdkafka (for the retry backoff).
+    attempts: u32,
 }
 
 pub struct Forwarder {
@@ -78,6 +84,8 @@ pub struct Forwarder {
     report_tx: mpsc::UnboundedSender<Report>,
     generation: u32,
     metrics: GatewayMetrics,
+    /// Deliveries counted since the last flush (once per wake-up).
+    deliveries: metrics::Deliveries,
     window: usize,
     /// Records handed to Kafka, in order.
     in_flight: VecDeque<Sent>,
@@ -95,6 +103,11 @@ pub struct Forwarder {
     replay_left: u64,
     /// Spool disabled: every settled id goes back to the pipeline.
     ack_each: bool,
+    /// Spool disabled: the batches that still hold an unsettled record, with
+    /// the id of their last one, to send again if the producer is replaced
+    /// (with the spool the reader rewinds instead).
+    kept: VecDeque<(u64, Batch)>,
+    pool: BufPool,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -124,6 +137,7 @@ impl Forwarder {
                 DeliveryMode::Sync => 1,
             },
             cfg: cfg.clone(),
+            deliveries: metrics.deliveries(),
             metrics,
             in_flight: VecDeque::new(),
             retries: VecDeque::new(),
@@ -135,6 +149,8 @@ impl Forwarder {
             in_kafka: HashSet::new(),
             replay_left: 0,
             ack_each: false,
+            kept: VecDeque::new(),
+            pool: BufPool::default(),
         }
     }
 
@@ -188,8 +204,9 @@ impl Forwarder {
                 self.find_delivered(&dir, pending).await;
                 (Some(reader), Some(spool), None, None, Some(dir))
             }
-            Feed::Memory { rx, settled } => {
+            Feed::Memory { rx, settled, pool } => {
                 self.ack_each = true;
+                self.pool = pool;
                 (None, None, Some(rx), Some(settled), None)
             }
         };
@@ -200,10 +217,12 @@ impl Forwarder {
             tokio::select! {
                 biased;
                 Some(r) = reports.recv() => {
-                    self.on_report(r);
+                    let now_ms = chrono::Utc::now().timestamp_millis();
+                    self.on_report(r, now_ms);
                     while let Ok(r) = reports.try_recv() {
-                        self.on_report(r);
+                        self.on_report(r, now_ms);
                     }
+                    self.deliveries.flush();
                 }
                 _ = stop.cancelled(), if !draining => {
                     deadline = Some(tokio::time::Instant::now() + grace);
@@ -213,12 +232,7 @@ impl Forwarder {
                 // The pipeline holds at most the window unsettled, so a whole
                 // batch fits.
                 item = recv_memory(&mut memory), if room => match item {
-                    Some(batch) => {
-                        for (id, mut rec) in batch {
-                            rec.offset = id;
-                            self.send_kept(rec);
-                        }
-                    }
+                    Some(batch) => self.forward_batch(batch),
                     None => memory = None,
                 },
                 _ = retry_tick.tick(), if !self.retries.is_empty() => self.resend_due(),
@@ -266,30 +280,62 @@ impl Forwarder {
     /// after a restart found it there already. It stays borrowed from the
     /// reader's buffer; an owned copy is made only if librdkafka refuses it.
     fn forward_spooled(&mut self, rec: RecordRef<'_>) {
-        self.start(rec.offset, rec.received_ms, None);
         if self.replay_left == 0 && !self.in_kafka.is_empty() {
             self.in_kafka = HashSet::new(); // past the resent records
         }
         let replayed = self.replay_left > 0;
         self.replay_left = self.replay_left.saturating_sub(1);
         if replayed && !rec.dlq && self.in_kafka.remove(&delivered::fingerprint(rec.value)) {
+            self.start(&rec);
             self.metrics.already_in_kafka();
             self.mark(rec.offset, None);
             return;
         }
-        if let Err((e, meta)) = self.produce(&rec, 0) {
-            self.on_failure(e, rec.to_owned(), meta);
+        self.forward(rec);
+    }
+
+    /// Spool disabled: hands a batch's records to Kafka, borrowed from it, and
+    /// keeps it until they are all settled.
+    fn forward_batch(&mut self, batch: Batch) {
+        let mut last = None;
+        for rec in batch.records() {
+            last = Some(rec.offset);
+            self.forward(rec);
+        }
+        if let Some(last) = last {
+            self.kept.push_back((last, batch));
         }
     }
 
-    fn start(&mut self, id: u64, received_ms: i64, copy: Option<Record>) {
+    /// Hands `rec` to Kafka as a new record in flight.
+    fn forward(&mut self, rec: RecordRef<'_>) {
+        self.start(&rec);
+        if let Err(e) = self.produce(&rec) {
+            self.on_failure(e, rec.to_owned());
+        }
+    }
+
+    fn start(&mut self, rec: &RecordRef<'_>) {
+        let reason = self.reason(rec);
         self.in_flight.push_back(Sent {
-            id,
-            received_ms,
-            settled: false,
-            copy,
+            id: rec.offset,
+            received_ms: rec.received_ms,
             at: None,
+            settled: false,
+            dlq: rec.dlq,
+            reason,
+            attempts: 1,
         });
+    }
+
+    /// A dead-letter record's reason code, for the metric.
+    fn reason(&self, rec: &RecordRef<'_>) -> Option<&'static str> {
+        if rec.dlq {
+            rec.header("reason")
+                .and_then(|v| self.metrics.reason_code(v))
+        } else {
+            None
+        }
     }
 
     /// Replaces a producer that stopped working (librdkafka can stop
@@ -305,11 +351,12 @@ impl Forwarder {
         let new = Arc::new(kafka::producer(
             &self.cfg,
             self.report_tx.clone(),
+            self.generation.wrapping_add(1),
             self.metrics.security.clone(),
         )?);
         let old = std::mem::replace(&mut self.producer, new.clone());
         *self.slot.write().unwrap_or_else(|p| p.into_inner()) = new;
-        self.generation += 1;
+        self.generation = self.generation.wrapping_add(1);
         let unsettled: Vec<Sent> = self.in_flight.drain(..).filter(|s| !s.settled).collect();
         self.retries.clear();
         self.metrics.producer_recreated(why, unsettled.len());
@@ -323,47 +370,39 @@ impl Forwarder {
                 }
             }
             None => {
-                for s in unsettled {
-                    if let Some(rec) = s.copy {
-                        self.send_kept(rec);
+                // Both in id order: walk the kept batches along the unsettled ids.
+                let kept = std::mem::take(&mut self.kept);
+                let mut ids = unsettled.iter().map(|s| s.id).peekable();
+                for (_, batch) in &kept {
+                    for rec in batch.records() {
+                        while ids.next_if(|&id| id < rec.offset).is_some() {}
+                        if ids.next_if_eq(&rec.offset).is_some() {
+                            self.forward(rec);
+                        }
                     }
                 }
+                self.kept = kept;
             }
         }
         Ok(())
     }
 
-    /// Spool disabled: sends `rec` and keeps it in `in_flight`, to send again
-    /// if the producer is replaced (with the spool the reader rewinds instead).
-    fn send_kept(&mut self, rec: Record) {
-        self.start(rec.offset, rec.received_ms, None);
-        let failed = self.produce(&rec.view(), 0);
-        let copy = match failed {
-            Ok(()) => rec,
-            Err((e, meta)) => {
-                let copy = rec.clone();
-                self.on_failure(e, rec, meta);
-                copy
-            }
-        };
-        if let Some(s) = self
-            .in_flight
-            .iter_mut()
-            .rev()
-            .find(|s| s.id == copy.offset)
-        {
-            s.copy = Some(copy);
-        }
-    }
-
+    /// Sends a retried (or dead-lettered) record again; its entry in flight
+    /// takes the record's kind and the attempt count.
     fn send(&mut self, rec: Record, attempts: u32) {
-        if let Err((e, meta)) = self.produce(&rec.view(), attempts) {
-            self.on_failure(e, rec, meta);
+        let view = rec.view();
+        let reason = self.reason(&view);
+        if let Some(i) = self.index_of(rec.offset as usize) {
+            let s = &mut self.in_flight[i];
+            (s.dlq, s.reason, s.attempts) = (rec.dlq, reason, attempts + 1);
+        }
+        if let Err(e) = self.produce(&view) {
+            self.on_failure(e, rec);
         }
     }
 
-    /// Hands `rec` to librdkafka; on a refusal the delivery opaque comes back.
-    fn produce(&self, rec: &RecordRef<'_>, attempts: u32) -> Result<(), (KafkaError, Box<Meta>)> {
+    /// Hands `rec` to librdkafka (its delivery opaque is its id).
+    fn produce(&self, rec: &RecordRef<'_>) -> Result<(), KafkaError> {
         let topic = if rec.dlq {
             self.cfg.dlq_topic.as_str()
         } else {
@@ -376,59 +415,72 @@ impl Forwarder {
                 value: Some(v),
             });
         }
-        let meta = Box::new(Meta {
-            id: rec.offset,
-            received_ms: rec.received_ms,
-            dlq: rec.dlq,
-            generation: self.generation,
-            reason: if rec.dlq {
-                rec.header("reason")
-                    .and_then(|v| self.metrics.reason_code(v))
-            } else {
-                None
-            },
-            seq: rec.seq,
-            attempts: attempts + 1,
-        });
-        let mut br: BaseRecord<'_, [u8], [u8], Box<Meta>> = BaseRecord::with_opaque_to(topic, meta)
-            .payload(rec.value)
-            .headers(headers);
+        let mut br: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(topic, rec.offset as usize)
+                .payload(rec.value)
+                .headers(headers);
         if let Some(k) = rec.key {
             br = br.key(k);
         }
         if let Some(ts) = rec.ts_ms {
             br = br.timestamp(ts);
         }
-        self.producer
-            .send(br)
-            .map_err(|(e, br)| (e, br.delivery_opaque))
+        self.producer.send(br).map_err(|(e, _)| e)
     }
 
-    fn on_report(&mut self, r: Report) {
-        if r.meta.generation != self.generation {
+    /// Where the record with delivery opaque `id` is in `in_flight`. Ids are
+    /// consecutive there unless a spool rewind or intake skipped some: index
+    /// by distance from the front, search only when that misses. (Compared as
+    /// `usize`, the opaque's width.)
+    fn index_of(&self, id: usize) -> Option<usize> {
+        let front = self.in_flight.front()?;
+        let guess = id.wrapping_sub(front.id as usize);
+        if self
+            .in_flight
+            .get(guess)
+            .is_some_and(|e| e.id as usize == id)
+        {
+            return Some(guess);
+        }
+        self.in_flight
+            .binary_search_by_key(&(id as u64), |e| e.id)
+            .ok()
+    }
+
+    fn on_report(&mut self, r: Report, now_ms: i64) {
+        if r.generation != self.generation {
             return; // from a replaced producer: its records were sent again
         }
+        let Some(i) = self.index_of(r.id) else {
+            return; // settled already (e.g. resent after a replacement)
+        };
+        let s = &self.in_flight[i];
         match r.result {
             Ok(at) => {
-                if r.meta.dlq {
-                    self.metrics.dead_lettered(r.meta.reason);
+                if s.dlq {
+                    self.metrics.dead_lettered(s.reason);
                 } else {
                     self.metrics
                         .security
                         .cleared("kafka", &crate::security::SecurityKind::ALL);
-                    let ms = chrono::Utc::now().timestamp_millis() - r.meta.received_ms;
-                    self.metrics
+                    let ms = now_ms - s.received_ms;
+                    self.deliveries
                         .delivered(Duration::from_millis(ms.max(0) as u64));
                 }
-                self.mark(r.meta.id, (!r.meta.dlq).then_some(at));
+                let dlq = s.dlq;
+                self.settle_at(i, (!dlq).then_some(at));
             }
-            Err((e, rec)) => self.on_failure(e, rec, r.meta),
+            Err(failed) => {
+                let (e, mut rec) = *failed;
+                (rec.offset, rec.received_ms, rec.dlq) = (s.id, s.received_ms, s.dlq);
+                self.on_failure(e, rec);
+            }
         }
     }
 
-    #[allow(clippy::boxed_local)] // it comes boxed from librdkafka
-    fn on_failure(&mut self, e: KafkaError, mut rec: Record, meta: Box<Meta>) {
-        rec.offset = meta.id;
+    /// `rec` (its offset is its id) was refused or failed: dead-lettered,
+    /// dropped when even that is impossible, or queued to be sent again.
+    fn on_failure(&mut self, e: KafkaError, mut rec: Record) {
         let topic = if rec.dlq {
             &self.cfg.dlq_topic
         } else {
@@ -439,7 +491,7 @@ impl Forwarder {
             if rec.dlq || !self.cfg.dlq_enabled {
                 self.metrics
                     .dropped(metrics::KAFKA_REJECTED, &e.to_string());
-                self.mark(meta.id, None);
+                self.mark(rec.offset, None);
             } else {
                 // A valid reading Kafka refused for good (e.g. too large for the
                 // topic): dead-letter it with the broker's reason.
@@ -458,7 +510,7 @@ impl Forwarder {
                     &rec.value,
                     self.cfg.dlq_max_payload_bytes,
                 );
-                d.offset = meta.id;
+                d.offset = rec.offset;
                 self.send(d, 0);
             }
             return;
@@ -476,10 +528,13 @@ impl Forwarder {
         ) {
             self.metrics.delivery_retriable(&e);
         }
-        let backoff = Duration::from_millis((100u64 << meta.attempts.min(6)).min(5_000));
+        let attempts = self
+            .index_of(rec.offset as usize)
+            .map_or(1, |i| self.in_flight[i].attempts);
+        let backoff = Duration::from_millis((100u64 << attempts.min(6)).min(5_000));
         self.retries.push_back(Retry {
             at: Instant::now() + backoff,
-            attempts: meta.attempts,
+            attempts,
             record: rec,
         });
     }
@@ -498,27 +553,20 @@ impl Forwarder {
         }
     }
 
-    /// Marks `id` settled (at `at` in the topic); ids are in order in `in_flight`.
+    /// Marks `id` settled (at `at` in the topic).
     fn mark(&mut self, id: u64, at: Option<(i32, i64)>) {
-        // Ids are consecutive in `in_flight` unless a spool rewind skipped some:
-        // index by distance from the front, search only when that misses.
-        let guess = self
-            .in_flight
-            .front()
-            .and_then(|f| usize::try_from(id.checked_sub(f.id)?).ok())
-            .filter(|&i| self.in_flight.get(i).is_some_and(|e| e.id == id));
-        let found = guess.ok_or(()).or_else(|_| {
-            self.in_flight
-                .binary_search_by_key(&id, |e| e.id)
-                .map_err(|_| ())
-        });
-        if let Ok(i) = found {
-            self.in_flight[i].settled = true;
-            self.in_flight[i].at = at;
-            // Without the spool the pipeline acknowledges each id itself.
-            if self.ack_each {
-                self.settled_ids.push(id);
-            }
+        if let Some(i) = self.index_of(id as usize) {
+            self.settle_at(i, at);
+        }
+    }
+
+    fn settle_at(&mut self, i: usize, at: Option<(i32, i64)>) {
+        let s = &mut self.in_flight[i];
+        s.settled = true;
+        s.at = at;
+        // Without the spool the pipeline acknowledges each id itself.
+        if self.ack_each {
+            self.settled_ids.push(s.id);
         }
     }
 
@@ -535,9 +583,24 @@ impl Forwarder {
             }
             self.in_flight.pop_front();
         }
+        // Kept batches whose records are all settled (ids below the first
+        // unsettled one) are done.
+        let floor = self.in_flight.front().map(|s| s.id);
+        while self
+            .kept
+            .front()
+            .is_some_and(|(last, _)| floor.is_none_or(|f| *last < f))
+        {
+            if let Some((_, b)) = self.kept.pop_front() {
+                self.pool.give_buf(b.buf);
+            }
+        }
         if let Some(settled) = settled {
             if !self.settled_ids.is_empty() {
-                let _ = settled.send(AckEvent::Ready(std::mem::take(&mut self.settled_ids)));
+                // Sized like this one: the next is grown once, not push by push.
+                let next = Vec::with_capacity(self.settled_ids.len());
+                let ids = std::mem::replace(&mut self.settled_ids, next);
+                let _ = settled.send(AckEvent::Ready(ids));
             }
         }
         self.metrics.in_flight.set(self.in_flight.len() as i64);
@@ -606,9 +669,7 @@ async fn wait_notify(n: &Option<Arc<super::spool::Shared>>) {
     }
 }
 
-async fn recv_memory(
-    rx: &mut Option<mpsc::UnboundedReceiver<Vec<(u64, Record)>>>,
-) -> Option<Vec<(u64, Record)>> {
+async fn recv_memory(rx: &mut Option<mpsc::UnboundedReceiver<Batch>>) -> Option<Batch> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

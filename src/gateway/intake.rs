@@ -1,16 +1,21 @@
 //! Intake (pure): one received payload becomes the Kafka record it will be —
 //! a canonical reading for the main topic, or a dead-letter record with its
 //! reason — or nothing (rejected with the DLQ disabled). No I/O here.
+//!
+//! A valid reading is written straight into the wake-up's [`Batch`], encoded
+//! as the spool stores it: no owned record, no allocation per reading.
 
+use crate::gateway::batch::Batch;
+use crate::gateway::spool::format::RecordMeta;
 use crate::gateway::spool::{Header, Record};
 use crate::gateway::Incoming;
-use crate::reading::{self, Limits, Rejection, SCHEMA_VERSION};
+use crate::reading::{self, Limits, ReadingRef, Rejection, SCHEMA_VERSION};
 
 /// What became of a payload.
 #[derive(Debug)]
-pub enum Intake {
-    /// A valid reading: its record for the main topic.
-    Reading(Record),
+pub enum Intake<'a> {
+    /// A valid reading (see [`Encoder::reading`] for its record).
+    Reading(ReadingRef<'a>),
     /// Invalid: the reason, and its dead-letter record unless the DLQ is off.
     Rejected {
         rejection: Rejection,
@@ -18,44 +23,25 @@ pub enum Intake {
     },
 }
 
-/// Validates `m` (device id from the topic or the source) into its record.
-/// `dlq_max_payload` is `None` when the DLQ is disabled. `buf` is reused.
-pub fn intake(
-    m: &Incoming,
-    topic_device: Option<&str>,
+/// Validates `m` (device id from the topic or the source).
+/// `dlq_max_payload` is `None` when the DLQ is disabled.
+pub fn intake<'a>(
+    m: &Incoming<'a>,
+    topic_device: Option<&'a str>,
     limits: &Limits,
     dlq_max_payload: Option<usize>,
-    buf: &mut String,
-) -> Intake {
-    let received_at = reading::format_ts(m.received_ms);
-    match reading::parse(&m.payload, topic_device, m.received_ms, limits) {
-        Ok(r) => {
-            buf.clear();
-            r.write_canonical_json(buf);
-            Intake::Reading(Record {
-                offset: 0,
-                received_ms: m.received_ms,
-                ts_ms: Some(r.ts_ms),
-                dlq: false,
-                seq: r.seq,
-                key: Some(r.device_id.into_bytes()),
-                headers: vec![
-                    ("schema".into(), SCHEMA_VERSION.as_bytes().into()),
-                    ("source".into(), m.topic.as_bytes().to_vec().into()),
-                    ("received_at".into(), received_at.into_bytes().into()),
-                ],
-                value: buf.as_bytes().to_vec(),
-            })
-        }
+) -> Intake<'a> {
+    match reading::parse_ref(m.payload, topic_device, m.received_ms, limits) {
+        Ok(r) => Intake::Reading(r),
         Err(rejection) => {
             let dead_letter = dlq_max_payload.map(|max| {
                 dead_letter(
                     rejection.code(),
                     &rejection.to_string(),
-                    &m.topic,
+                    m.topic,
                     m.received_ms,
                     topic_device.map(|d| d.as_bytes().to_vec()),
-                    &m.payload,
+                    m.payload,
                     max,
                 )
             });
@@ -64,6 +50,49 @@ pub fn intake(
                 dead_letter,
             }
         }
+    }
+}
+
+/// Writes readings' records into batches; its buffers are reused.
+#[derive(Debug, Default)]
+pub struct Encoder {
+    value: String,
+    received_at: String,
+    /// The receive time `received_at` holds the text of.
+    received_ms: Option<i64>,
+}
+
+impl Encoder {
+    /// Appends the record of the valid reading `r` (received as `m`) to
+    /// `batch` with `id` as its offset: key = device id, value = canonical
+    /// JSON, headers `schema`, `source`, `received_at`, timestamp = `ts`.
+    pub fn reading(&mut self, r: &ReadingRef<'_>, m: &Incoming<'_>, id: u64, batch: &mut Batch) {
+        self.value.clear();
+        r.write_canonical_json(&mut self.value);
+        // Readings received together share the time: formatted once.
+        if self.received_ms != Some(m.received_ms) {
+            self.received_at.clear();
+            reading::write_ts(&mut self.received_at, m.received_ms);
+            self.received_ms = Some(m.received_ms);
+        }
+        let headers = [
+            ("schema", SCHEMA_VERSION.as_bytes()),
+            ("source", m.topic.as_bytes()),
+            ("received_at", self.received_at.as_bytes()),
+        ];
+        let meta = RecordMeta {
+            received_ms: m.received_ms,
+            ts_ms: Some(r.ts_ms),
+            dlq: false,
+            seq: r.seq,
+        };
+        batch.push_parts(
+            id,
+            meta,
+            Some(r.device_id.as_bytes()),
+            headers.into_iter(),
+            self.value.as_bytes(),
+        );
     }
 }
 
@@ -112,43 +141,59 @@ pub fn dead_letter(
 mod tests {
     use super::*;
 
-    fn incoming(payload: &str) -> Incoming {
+    fn incoming(payload: &str) -> Incoming<'_> {
         Incoming {
-            topic: "sensors/d1/telemetry".into(),
+            topic: "sensors/d1/telemetry",
             device: None,
-            payload: bytes::Bytes::from(payload.to_string()),
+            payload: payload.as_bytes(),
             received_ms: 1_700_000_000_000,
-            received_at: std::time::Instant::now(),
             pkid: Some(1),
         }
     }
 
     #[test]
     fn a_valid_reading_becomes_its_canonical_record() {
-        let mut buf = String::new();
         let m = incoming(r#"{"temperature": 21.5, "humidity": 40, "seq": 3}"#);
-        let Intake::Reading(r) = intake(&m, Some("d1"), &Limits::default(), Some(100), &mut buf)
-        else {
+        let Intake::Reading(r) = intake(&m, Some("d1"), &Limits::default(), Some(100)) else {
             panic!("rejected")
         };
+        let mut batch = Batch::default();
+        let mut enc = Encoder::default();
+        enc.reading(&r, &m, 7, &mut batch);
+        enc.reading(&r, &m, 8, &mut batch);
+        let recs: Vec<_> = batch.records().map(|r| r.to_owned()).collect();
+        assert_eq!(recs.len(), 2);
+        let r = &recs[0];
+        assert_eq!((r.offset, recs[1].offset), (7, 8));
         assert_eq!(r.key.as_deref(), Some(&b"d1"[..]));
         assert_eq!(r.seq, Some(3));
         assert!(!r.dlq);
-        assert!(std::str::from_utf8(&r.value)
-            .unwrap()
-            .starts_with(r#"{"device_id":"d1""#));
-        assert_eq!(r.headers[1].0, "source");
-        assert_eq!(&r.headers[1].1[..], b"sensors/d1/telemetry");
+        assert_eq!(r.received_ms, m.received_ms);
+        assert_eq!(
+            std::str::from_utf8(&r.value).unwrap(),
+            reading::parse(m.payload, Some("d1"), m.received_ms, &Limits::default())
+                .unwrap()
+                .to_canonical_json()
+        );
+        let heads: Vec<(&str, &[u8])> = r.headers.iter().map(|(k, v)| (&**k, &**v)).collect();
+        assert_eq!(
+            heads,
+            [
+                ("schema", &b"1"[..]),
+                ("source", b"sensors/d1/telemetry"),
+                ("received_at", b"2023-11-14T22:13:20.000Z"),
+            ]
+        );
+        assert_eq!(recs[1].value, r.value);
     }
 
     #[test]
     fn an_invalid_one_becomes_a_dead_letter_cut_to_size_or_nothing() {
-        let mut buf = String::new();
         let m = incoming(r#"{"temperature": "hot"}"#);
         let Intake::Rejected {
             rejection,
             dead_letter: Some(d),
-        } = intake(&m, Some("d1"), &Limits::default(), Some(5), &mut buf)
+        } = intake(&m, Some("d1"), &Limits::default(), Some(5))
         else {
             panic!("accepted")
         };
@@ -159,7 +204,7 @@ mod tests {
             .iter()
             .any(|(k, v)| k == "reason" && &v[..] == rejection.code().as_bytes()));
         assert!(d.headers.iter().any(|(k, _)| k == "original_size"));
-        let none = intake(&m, Some("d1"), &Limits::default(), None, &mut buf);
+        let none = intake(&m, Some("d1"), &Limits::default(), None);
         assert!(matches!(
             none,
             Intake::Rejected {

@@ -19,34 +19,26 @@ use super::spool::Record;
 use crate::config::{DeliveryMode, KafkaConfig};
 use crate::security::{self, SecurityStatus};
 
-/// Per-record bookkeeping carried through librdkafka as the delivery opaque.
-#[derive(Debug)]
-pub struct Meta {
-    /// The forwarder's id: a spool offset, or the ack id (spool disabled).
-    pub id: u64,
-    pub received_ms: i64,
-    pub dlq: bool,
-    /// Which producer sent it (reports from a replaced producer are ignored).
-    pub generation: u32,
-    /// The DLQ record's reason code (for the metric).
-    pub reason: Option<&'static str>,
-    pub seq: Option<u64>,
-    /// Delivery attempts so far.
-    pub attempts: u32,
-}
-
 /// One delivery report; a failed record comes back to be sent again.
 #[derive(Debug)]
 pub struct Report {
-    pub meta: Box<Meta>,
-    /// Where Kafka put it: (partition, offset).
-    pub result: Result<(i32, i64), (KafkaError, Record)>,
+    /// Which producer sent it (reports from a replaced producer are ignored).
+    pub generation: u32,
+    /// The delivery opaque: the forwarder's id of the record (a spool offset,
+    /// or the ack id with the spool disabled) as a `usize`. A plain number,
+    /// not a box: no allocation per record; the forwarder keeps the rest.
+    pub id: usize,
+    /// Where Kafka put it: (partition, offset). A failed record comes back
+    /// with its key, headers, value and timestamp (the forwarder sets the
+    /// rest); boxed, so that a report is small on its way through the channel.
+    pub result: Result<(i32, i64), Box<(KafkaError, Record)>>,
 }
 
 /// Forwards delivery reports from librdkafka's polling thread to the pipeline.
 #[derive(Debug)]
 pub struct ReportContext {
     tx: mpsc::UnboundedSender<Report>,
+    generation: u32,
     /// Where TLS and login failures are reported (with the SASL user).
     security: Option<(SecurityStatus, Option<String>)>,
     /// Connections to cluster nodes that are up, from librdkafka's statistics
@@ -106,19 +98,15 @@ impl ClientContext for ReportContext {
 }
 
 impl ProducerContext for ReportContext {
-    type DeliveryOpaque = Box<Meta>;
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, meta: Box<Meta>) {
+    fn delivery(&self, result: &DeliveryResult<'_>, id: usize) {
         let result = match result {
             Ok(m) => Ok((m.partition(), m.offset())),
-            Err((e, msg)) => Err((
+            Err((e, msg)) => Err(Box::new((
                 e.clone(),
                 Record {
-                    offset: meta.id,
-                    received_ms: meta.received_ms,
                     ts_ms: msg.timestamp().to_millis(),
-                    dlq: meta.dlq,
-                    seq: meta.seq,
                     key: msg.key().map(<[u8]>::to_vec),
                     headers: msg
                         .headers()
@@ -132,11 +120,16 @@ impl ProducerContext for ReportContext {
                         })
                         .unwrap_or_default(),
                     value: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    ..Record::default()
                 },
-            )),
+            ))),
         };
         // The receiver is gone only when the pipeline stopped: nothing to do.
-        let _ = self.tx.send(Report { meta, result });
+        let _ = self.tx.send(Report {
+            generation: self.generation,
+            id,
+            result,
+        });
     }
 }
 
@@ -167,10 +160,12 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
 }
 
 /// Builds a producer with our defaults, then the pass-through properties; its
-/// delivery reports go to `tx`, TLS and login failures to `security`.
+/// delivery reports go to `tx` marked with `generation`, TLS and login
+/// failures to `security`.
 pub fn producer(
     cfg: &KafkaConfig,
     tx: mpsc::UnboundedSender<Report>,
+    generation: u32,
     security: SecurityStatus,
 ) -> Result<GatewayProducer, KafkaError> {
     let mut c = client_config(cfg);
@@ -205,6 +200,7 @@ pub fn producer(
     let user = cfg.security().user().map(str::to_string);
     c.create_with_context(ReportContext {
         tx,
+        generation,
         security: Some((security, user)),
         brokers_up: AtomicI64::new(-1),
     })

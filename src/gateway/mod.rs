@@ -14,6 +14,7 @@
 //! connection stays up; the broker holds the rest).
 
 pub mod acks;
+pub mod batch;
 pub mod dedup;
 pub mod delivered;
 pub mod forwarder;
@@ -28,43 +29,171 @@ pub mod simulated;
 pub mod spool;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
 use rdkafka::error::KafkaError;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use self::acks::{AckEvent, AckTracker};
+use self::batch::Batch;
 use self::dedup::Recent;
 use self::forwarder::{Feed, Forwarder};
 use self::intake::Intake;
 use self::metrics::GatewayMetrics;
 use self::seq::{SeqOutcome, SeqTracker};
-use self::spool::writer::{Entry, SyncPolicy, Writer};
-use self::spool::{Record, Spool, SpoolOptions};
+use self::spool::writer::{SyncPolicy, Writer};
+use self::spool::{Spool, SpoolOptions};
 use crate::config::GatewayConfig;
 
-/// One received payload.
-#[derive(Debug, Clone)]
-pub struct Incoming {
+/// One received payload, borrowed from the [`Received`] it came in.
+#[derive(Debug, Clone, Copy)]
+pub struct Incoming<'a> {
     /// MQTT topic, or `simulated`.
-    pub topic: String,
+    pub topic: &'a str,
     /// Device id known from the source (simulated); MQTT takes it from the topic.
-    pub device: Option<String>,
-    pub payload: Bytes,
+    pub device: Option<&'a str>,
+    pub payload: &'a [u8],
     /// Receive time, epoch ms.
     pub received_ms: i64,
-    pub received_at: Instant,
     /// MQTT packet id to acknowledge (QoS 1); `None` = nothing to acknowledge.
     pub pkid: Option<u16>,
+}
+
+/// Payloads received together (what one read of the MQTT connection brought,
+/// or one tick of the simulated fleet), copied into two buffers: a few
+/// allocations per batch instead of a few per payload, and nothing left
+/// pointing into the MQTT client's read buffer.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// Topics and device ids.
+    text: String,
+    payloads: Vec<u8>,
+    msgs: Vec<Msg>,
+    /// Receive time of all of them, epoch ms.
+    pub received_ms: i64,
+    /// The source's room taken by these messages, given back when this is
+    /// dropped (see `mqtt`: it bounds what waits for the pipeline).
+    held: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Msg {
+    topic: (u32, u32),
+    device: Option<(u32, u32)>,
+    payload: (u32, u32),
+    pkid: Option<u16>,
+}
+
+impl Received {
+    pub fn new(received_ms: i64) -> Self {
+        Received {
+            received_ms,
+            ..Received::default()
+        }
+    }
+
+    /// Room for `like`'s messages and bytes, or 16 typical ones if more (a
+    /// source's next batch is usually the size of its last one: allocated
+    /// once, not grown push by push).
+    pub fn sized_like(received_ms: i64, like: (usize, usize, usize)) -> Self {
+        let (msgs, text, payloads) = like;
+        Received {
+            text: String::with_capacity(text.max(16 * 48)),
+            payloads: Vec::with_capacity(payloads.max(16 * 160)),
+            msgs: Vec::with_capacity(msgs.max(16)),
+            received_ms,
+            held: None,
+        }
+    }
+
+    /// Keeps `permit` until this is dropped or emptied.
+    pub fn hold(&mut self, permit: tokio::sync::OwnedSemaphorePermit) {
+        self.held = Some(permit);
+    }
+
+    /// Empties it for reuse (its room goes back to the source now).
+    pub fn empty(mut self) -> Self {
+        self.text.clear();
+        self.payloads.clear();
+        self.msgs.clear();
+        self.held = None;
+        self
+    }
+
+    /// This emptied one again, or a new one, for messages received at
+    /// `received_ms`.
+    pub fn reuse(
+        pool: &batch::Pool<Received>,
+        received_ms: i64,
+        like: (usize, usize, usize),
+    ) -> Self {
+        match pool.take() {
+            Some(mut r) => {
+                r.received_ms = received_ms;
+                r
+            }
+            None => Received::sized_like(received_ms, like),
+        }
+    }
+
+    /// (messages, text bytes, payload bytes): a size hint for the next one.
+    pub fn size(&self) -> (usize, usize, usize) {
+        (self.msgs.len(), self.text.len(), self.payloads.len())
+    }
+
+    pub fn push(&mut self, topic: &str, device: Option<&str>, payload: &[u8], pkid: Option<u16>) {
+        let mut text = |s: &str| {
+            let start = self.text.len() as u32;
+            self.text.push_str(s);
+            (start, self.text.len() as u32)
+        };
+        let topic = text(topic);
+        let device = device.map(text);
+        let start = self.payloads.len() as u32;
+        self.payloads.extend_from_slice(payload);
+        self.msgs.push(Msg {
+            topic,
+            device,
+            payload: (start, self.payloads.len() as u32),
+            pkid,
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.msgs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.msgs.is_empty()
+    }
+
+    /// Bytes held (topics, ids and payloads).
+    pub fn bytes(&self) -> usize {
+        self.text.len() + self.payloads.len()
+    }
+
+    /// The payloads, in arrival order.
+    pub fn iter(&self) -> impl Iterator<Item = Incoming<'_>> {
+        let text = |(a, b): (u32, u32)| self.text.get(a as usize..b as usize).unwrap_or_default();
+        self.msgs.iter().map(move |m| Incoming {
+            topic: text(m.topic),
+            device: m.device.map(text),
+            payload: self
+                .payloads
+                .get(m.payload.0 as usize..m.payload.1 as usize)
+                .unwrap_or_default(),
+            received_ms: self.received_ms,
+            pkid: m.pkid,
+        })
+    }
 }
 
 /// What a source tells the pipeline.
 #[derive(Debug)]
 pub enum SourceEvent {
-    Message(Incoming),
+    Messages(Received),
     /// A new MQTT connection: acks owed on the old one are void (the broker
     /// redelivers those messages).
     Connected,
@@ -167,14 +296,21 @@ pub async fn run_with_reload(
     let slot: kafka::ProducerSlot = Arc::new(std::sync::RwLock::new(Arc::new(kafka::producer(
         &cfg.kafka,
         report_tx.clone(),
+        0,
         metrics.security.clone(),
     )?)));
     let producer = kafka::current(&slot);
     // MQTT first: the broker starts keeping our messages as soon as we are
     // subscribed, even while Kafka is still being checked.
+    let received = batch::Pool::default();
     let (mqtt, mut mqtt_rx) = if cfg.mqtt.enabled {
-        let (source, events) = mqtt::start(&cfg.mqtt, cfg.kafka.max_in_flight, metrics.clone())
-            .map_err(GatewayError::Mqtt)?;
+        let (source, events) = mqtt::start(
+            &cfg.mqtt,
+            cfg.kafka.max_in_flight,
+            metrics.clone(),
+            received.clone(),
+        )
+        .map_err(GatewayError::Mqtt)?;
         (Some(source), events)
     } else {
         (None, mpsc::channel(1).1)
@@ -204,26 +340,39 @@ pub async fn run_with_reload(
     let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<AckEvent>();
     let grace = Duration::from_millis(cfg.shutdown.grace_period_ms);
     let fwd_stop = CancellationToken::new();
+    // Batch buffers come back here from whoever is done with them.
+    let pool = batch::BufPool::default();
     let (out, feed, recent) = match opened {
         Some(o) => {
             let policy = SyncPolicy::from_config(&cfg.spool);
-            let writer = Writer::start(o.spool.clone(), policy, settled_tx, metrics.clone())
-                .map_err(|e| GatewayError::Spool(format!("starting the writer thread: {e}")))?;
+            let writer = Writer::start(
+                o.spool.clone(),
+                policy,
+                settled_tx,
+                metrics.clone(),
+                pool.clone(),
+            )
+            .map_err(|e| GatewayError::Spool(format!("starting the writer thread: {e}")))?;
             let feed = Feed::Spool {
                 reader: o.reader,
                 spool: o.spool,
                 dir: cfg.spool.dir.clone(),
                 pending: o.pending,
             };
-            (Out::Spool(writer, Vec::new()), feed, Some(o.recent))
+            (
+                Out::Spool(writer, Batch::default(), pool),
+                feed,
+                Some(o.recent),
+            )
         }
         None => {
             let (tx, rx) = mpsc::unbounded_channel();
             let feed = Feed::Memory {
                 rx,
                 settled: settled_tx,
+                pool: pool.clone(),
             };
-            (Out::Memory(tx, Vec::new()), feed, None)
+            (Out::Memory(tx, Batch::default(), pool), feed, None)
         }
     };
     let spool_mode = recent.is_some();
@@ -256,6 +405,7 @@ pub async fn run_with_reload(
     }
     let mut pipeline = Pipeline::new(&cfg, metrics.clone(), out, recent);
     pipeline.limits = Some(limits_rx);
+    pipeline.received = received;
     let acker = mqtt.as_ref().map(|m| m.acker.clone());
     let mut sim_rx = match sim {
         Some(rx) => rx,
@@ -296,29 +446,34 @@ pub async fn run_with_reload(
     result
 }
 
-/// Where intake's records go.
+/// Where intake's records go: each wake-up's [`Batch`], to the spool writer
+/// or (spool disabled) straight to the forwarder.
 enum Out {
-    /// To the spool writer; entries of one wake-up are sent together.
-    Spool(Writer, Vec<Entry>),
-    /// Straight to the forwarder (spool disabled); records of one wake-up are
-    /// sent together.
-    Memory(
-        mpsc::UnboundedSender<Vec<(u64, Record)>>,
-        Vec<(u64, Record)>,
-    ),
+    Spool(Writer, Batch, batch::BufPool),
+    Memory(mpsc::UnboundedSender<Batch>, Batch, batch::BufPool),
     Closed,
 }
 
 impl Out {
     /// Hands on what this wake-up accepted.
     fn send_batch(&mut self) -> Result<(), GatewayError> {
+        let next = |b: &mut Batch, pool: &batch::BufPool| {
+            let buf = pool.take().unwrap_or_default();
+            std::mem::replace(
+                b,
+                Batch {
+                    buf,
+                    ..Batch::default()
+                },
+            )
+        };
         match self {
-            Out::Spool(w, batch) if !batch.is_empty() => {
-                w.tx.send(std::mem::take(batch))
+            Out::Spool(w, b, pool) if !b.is_empty() => {
+                w.tx.send(next(b, pool))
                     .map_err(|_| GatewayError::Spool("the writer thread stopped".into()))
             }
-            Out::Memory(tx, batch) if !batch.is_empty() => {
-                let stopped = tx.send(std::mem::take(batch)).is_err();
+            Out::Memory(tx, b, pool) if !b.is_empty() => {
+                let stopped = tx.send(next(b, pool)).is_err();
                 if stopped {
                     warn!("forwarder stopped; readings left unacknowledged");
                 }
@@ -329,7 +484,7 @@ impl Out {
     }
 
     fn close(&mut self) {
-        if let Out::Spool(w, _) = std::mem::replace(self, Out::Closed) {
+        if let Out::Spool(w, ..) = std::mem::replace(self, Out::Closed) {
             w.finish();
         }
     }
@@ -347,7 +502,9 @@ struct Pipeline {
     /// Accepted and not yet settled.
     pending: usize,
     window: usize,
-    value_buf: String,
+    encoder: intake::Encoder,
+    /// Where emptied [`Received`] go back to the MQTT source.
+    received: batch::Pool<Received>,
     pkids: Vec<u16>,
     /// Each topic filter with the position of its first `+` (the device id).
     plus_segments: Vec<(String, Option<usize>)>,
@@ -366,7 +523,8 @@ impl Pipeline {
             out,
             pending: 0,
             window: cfg.kafka.max_in_flight,
-            value_buf: String::with_capacity(256),
+            encoder: intake::Encoder::default(),
+            received: batch::Pool::default(),
             pkids: Vec::with_capacity(1024),
             plus_segments: cfg
                 .mqtt
@@ -426,7 +584,8 @@ impl Pipeline {
                 ev = mqtt_rx.recv(), if intake && mqtt_open => match ev {
                     Some(ev) => {
                         self.on_event(ev);
-                        // Drain what already arrived, within the window.
+                        // Take what already arrived, within the window (a
+                        // batch may pass it by its own size).
                         while self.pending < self.window {
                             let Ok(ev) = mqtt_rx.try_recv() else { break };
                             self.on_event(ev);
@@ -515,7 +674,12 @@ impl Pipeline {
                 self.tracker.reset();
                 self.pkids.clear(); // acks of the old connection
             }
-            SourceEvent::Message(m) => self.on_message(m),
+            SourceEvent::Messages(batch) => {
+                for m in batch.iter() {
+                    self.on_message(&m);
+                }
+                self.received.give(batch.empty());
+            }
         }
     }
 
@@ -528,48 +692,48 @@ impl Pipeline {
                 .find(|(f, _)| topic_matches(f, topic))
                 .and_then(|(_, seg)| *seg)?,
         };
-        topic.split('/').nth(segment)
+        topic_level(topic, segment)
     }
 
-    fn on_message(&mut self, m: Incoming) {
+    fn on_message(&mut self, m: &Incoming<'_>) {
         self.metrics.received(m.device.is_some());
         let ack = self.tracker.push(m.pkid);
         self.pending += 1;
-        let topic_device = match &m.device {
-            Some(d) => Some(d.as_str()),
-            None => self.device_from_topic(&m.topic),
+        let topic_device = match m.device {
+            Some(d) => Some(d),
+            None => self.device_from_topic(m.topic),
         };
         let dlq = self
             .cfg
             .kafka
             .dlq_enabled
             .then_some(self.cfg.kafka.dlq_max_payload_bytes);
-        let record = match intake::intake(
-            &m,
-            topic_device,
-            &self.cfg.validation,
-            dlq,
-            &mut self.value_buf,
-        ) {
+        let batch = match &mut self.out {
+            Out::Spool(_, b, _) => {
+                b.acks.push(ack);
+                Some(b)
+            }
+            Out::Memory(_, b, _) => Some(b),
+            Out::Closed => None,
+        };
+        let written = match intake::intake(m, topic_device, &self.cfg.validation, dlq) {
             Intake::Reading(r) => {
-                let key = r.key.as_deref().unwrap_or_default();
+                let key = r.device_id.as_bytes();
                 let dup = match (r.seq, &mut self.recent) {
-                    (Some(seq), Some(recent)) => {
-                        recent.check_and_insert(key, seq, r.ts_ms.unwrap_or(0))
-                    }
+                    (Some(seq), Some(recent)) => recent.check_and_insert(key, seq, r.ts_ms),
                     _ => false,
                 };
                 if dup {
                     self.metrics.duplicate_skipped(key, r.seq.unwrap_or(0));
-                    None
+                    false
                 } else {
                     // With a shared subscription this gateway sees only some of
                     // each device's readings: gaps are for the aggregator to count.
                     if let (Some(seq), None) = (r.seq, &self.cfg.mqtt.shared_group) {
-                        let device = String::from_utf8_lossy(key);
-                        match self.seqs.observe(&device, seq) {
-                            SeqOutcome::Gap(n) => self.metrics.seq_gap(&device, n),
-                            SeqOutcome::Repeat => self.metrics.seq_repeat(&device),
+                        let device = &*r.device_id;
+                        match self.seqs.observe(device, seq) {
+                            SeqOutcome::Gap(n) => self.metrics.seq_gap(device, n),
+                            SeqOutcome::Repeat => self.metrics.seq_repeat(device),
                             SeqOutcome::First => self.metrics.devices(
                                 self.seqs.len(),
                                 self.seqs.evicted(),
@@ -578,28 +742,38 @@ impl Pipeline {
                             SeqOutcome::InOrder => {}
                         }
                     }
-                    Some(r)
+                    match batch {
+                        Some(b) => {
+                            self.encoder.reading(&r, m, ack, b);
+                            true
+                        }
+                        None => false,
+                    }
                 }
             }
             Intake::Rejected {
                 rejection,
                 dead_letter,
             } => {
-                self.metrics.rejected(&rejection, &m.topic);
+                self.metrics.rejected(&rejection, m.topic);
                 if dead_letter.is_none() {
                     self.metrics
                         .dropped(rejection.code(), &rejection.to_string());
                 }
-                dead_letter
+                match (dead_letter, batch) {
+                    (Some(d), Some(b)) => {
+                        b.push(&d, ack);
+                        true
+                    }
+                    _ => false,
+                }
             }
         };
-        match (&mut self.out, record) {
-            (Out::Spool(_, batch), record) => batch.push(Entry { ack, record }),
-            (Out::Memory(_, batch), Some(r)) => batch.push((ack, r)),
-            (Out::Memory(..), None) | (Out::Closed, _) => {
-                self.tracker.complete(ack);
-                self.pending = self.pending.saturating_sub(1);
-            }
+        // Without the spool, a reading that makes no record is settled now
+        // (with it, the writer confirms it in order with the others).
+        if !written && !matches!(self.out, Out::Spool(..)) {
+            self.tracker.complete(ack);
+            self.pending = self.pending.saturating_sub(1);
         }
     }
 }
@@ -613,11 +787,12 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 
 /// MQTT topic filter matching (`+` one level, `#` the rest).
 pub fn topic_matches(filter: &str, topic: &str) -> bool {
-    let mut t = topic.split('/');
-    for f in filter.split('/') {
+    // On bytes: this runs for every message, and '/' is ASCII.
+    let mut t = topic.as_bytes().split(|&b| b == b'/');
+    for f in filter.as_bytes().split(|&b| b == b'/') {
         match (f, t.next()) {
-            ("#", _) => return true,
-            ("+", Some(_)) => {}
+            (b"#", _) => return true,
+            (b"+", Some(_)) => {}
             (f, Some(s)) if f == s => {}
             _ => return false,
         }
@@ -625,9 +800,65 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
     t.next().is_none()
 }
 
+/// Level `n` (from 0) of `topic`.
+fn topic_level(topic: &str, n: usize) -> Option<&str> {
+    let mut start = 0;
+    let mut level = 0;
+    for (i, b) in topic.bytes().enumerate() {
+        if b == b'/' {
+            if level == n {
+                return topic.get(start..i);
+            }
+            level += 1;
+            start = i + 1;
+        }
+    }
+    (level == n).then(|| topic.get(start..)).flatten()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::topic_matches;
+    use super::{topic_level, topic_matches, Received};
+
+    #[test]
+    fn received_gives_back_what_was_pushed_and_its_room_when_emptied() {
+        let room = std::sync::Arc::new(tokio::sync::Semaphore::new(10));
+        let mut r = Received::new(7);
+        r.push("a/d1/t", None, b"{1}", Some(3));
+        r.push("simulated", Some("dev-2"), b"", None);
+        r.push("a/\u{e9}/t", None, "\u{e9}".as_bytes(), Some(4));
+        #[allow(clippy::unwrap_used)]
+        r.hold(room.clone().try_acquire_many_owned(3).unwrap());
+        assert_eq!(room.available_permits(), 7);
+        let got: Vec<_> = r
+            .iter()
+            .map(|m| (m.topic, m.device, m.payload, m.pkid, m.received_ms))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a/d1/t", None, &b"{1}"[..], Some(3), 7),
+                ("simulated", Some("dev-2"), b"", None, 7),
+                ("a/\u{e9}/t", None, "\u{e9}".as_bytes(), Some(4), 7),
+            ]
+        );
+        let r = r.empty();
+        assert!(r.is_empty() && r.bytes() == 0);
+        assert_eq!(room.available_permits(), 10);
+    }
+
+    #[test]
+    fn levels() {
+        for topic in ["a/b/c", "a//c/", "/x", "", "sensors/dev-1/telemetry"] {
+            for n in 0..5 {
+                assert_eq!(
+                    topic_level(topic, n),
+                    topic.split('/').nth(n),
+                    "{topic} {n}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn filters() {

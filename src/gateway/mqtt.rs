@@ -28,8 +28,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::batch::Pool;
 use super::metrics::GatewayMetrics;
-use super::{Incoming, SourceEvent};
+use super::{Received, SourceEvent};
 use crate::config::{parse_mqtt_url, MqttConfig, MqttVersion};
 use crate::security::SecurityKind;
 
@@ -38,7 +39,12 @@ enum Polled {
     ConnAck {
         session_present: bool,
     },
-    Publish(Incoming),
+    Publish {
+        topic: String,
+        payload: Bytes,
+        /// The packet id to acknowledge (QoS 1).
+        pkid: Option<u16>,
+    },
     SubAck {
         refused: usize,
     },
@@ -151,70 +157,69 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn incoming(topic: String, payload: Bytes, pkid: u16, qos1: bool) -> Incoming {
-    Incoming {
-        topic,
-        device: None,
-        // A copy: the payload is a slice of rumqttc's read buffer, and one slice
-        // alive keeps the whole buffer; with thousands in flight that was 25 MiB.
-        payload: Bytes::copy_from_slice(&payload),
-        received_ms: now_ms(),
-        received_at: std::time::Instant::now(),
-        pkid: qos1.then_some(pkid),
+fn v311(ev: rumqttc::Event) -> Polled {
+    use rumqttc::{Event, Outgoing, Packet};
+    match ev {
+        Event::Incoming(Packet::ConnAck(a)) => Polled::ConnAck {
+            session_present: a.session_present,
+        },
+        Event::Incoming(Packet::Publish(p)) => Polled::Publish {
+            pkid: (p.qos != QoS::AtMostOnce).then_some(p.pkid),
+            topic: p.topic,
+            payload: p.payload,
+        },
+        Event::Incoming(Packet::SubAck(s)) => Polled::SubAck {
+            refused: s
+                .return_codes
+                .iter()
+                .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                .count(),
+        },
+        Event::Outgoing(Outgoing::PubAck(pkid)) => Polled::AckSent(pkid),
+        Event::Outgoing(Outgoing::Disconnect) => Polled::Disconnecting,
+        _ => Polled::Other,
+    }
+}
+
+fn v5(ev: v5::Event) -> Polled {
+    use v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
+    use v5::Event;
+    match ev {
+        Event::Incoming(Packet::ConnAck(a)) => Polled::ConnAck {
+            session_present: a.session_present,
+        },
+        Event::Incoming(Packet::Publish(p)) => Polled::Publish {
+            pkid: (p.qos != v5::mqttbytes::QoS::AtMostOnce).then_some(p.pkid),
+            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+            payload: p.payload,
+        },
+        Event::Incoming(Packet::SubAck(s)) => Polled::SubAck {
+            refused: s
+                .return_codes
+                .iter()
+                .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                .count(),
+        },
+        Event::Outgoing(rumqttc::Outgoing::Disconnect) => Polled::Disconnecting,
+        _ => Polled::Other,
     }
 }
 
 impl Loop {
     async fn poll(&mut self) -> Result<Polled, String> {
         match self {
-            Loop::V311(el) => {
-                use rumqttc::{Event, Outgoing, Packet};
-                Ok(match el.poll().await.map_err(|e| e.to_string())? {
-                    Event::Incoming(Packet::ConnAck(a)) => Polled::ConnAck {
-                        session_present: a.session_present,
-                    },
-                    Event::Incoming(Packet::Publish(p)) => Polled::Publish(incoming(
-                        p.topic,
-                        p.payload,
-                        p.pkid,
-                        p.qos != QoS::AtMostOnce,
-                    )),
-                    Event::Incoming(Packet::SubAck(s)) => Polled::SubAck {
-                        refused: s
-                            .return_codes
-                            .iter()
-                            .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                            .count(),
-                    },
-                    Event::Outgoing(Outgoing::PubAck(pkid)) => Polled::AckSent(pkid),
-                    Event::Outgoing(Outgoing::Disconnect) => Polled::Disconnecting,
-                    _ => Polled::Other,
-                })
-            }
-            Loop::V5(el) => {
-                use v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
-                use v5::Event;
-                Ok(match el.poll().await.map_err(|e| e.to_string())? {
-                    Event::Incoming(Packet::ConnAck(a)) => Polled::ConnAck {
-                        session_present: a.session_present,
-                    },
-                    Event::Incoming(Packet::Publish(p)) => Polled::Publish(incoming(
-                        String::from_utf8_lossy(&p.topic).into_owned(),
-                        p.payload,
-                        p.pkid,
-                        p.qos != v5::mqttbytes::QoS::AtMostOnce,
-                    )),
-                    Event::Incoming(Packet::SubAck(s)) => Polled::SubAck {
-                        refused: s
-                            .return_codes
-                            .iter()
-                            .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
-                            .count(),
-                    },
-                    Event::Outgoing(rumqttc::Outgoing::Disconnect) => Polled::Disconnecting,
-                    _ => Polled::Other,
-                })
-            }
+            Loop::V311(el) => el.poll().await.map(v311).map_err(|e| e.to_string()),
+            Loop::V5(el) => el.poll().await.map(v5).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// An event the client has already read and queued (one network read
+    /// brings several): taken without I/O, so what came together is passed
+    /// on together.
+    fn buffered(&mut self) -> Option<Polled> {
+        match self {
+            Loop::V311(el) => el.state.events.pop_front().map(v311),
+            Loop::V5(el) => el.state.events.pop_front().map(v5),
         }
     }
 }
@@ -265,10 +270,12 @@ pub struct MqttSource {
 
 /// Starts the client and its event-loop task; what arrives comes on the receiver.
 /// `window`: readings the pipeline holds unsettled at most (`kafka.max_in_flight`).
+/// Emptied batches come back through `pool`.
 pub fn start(
     cfg: &MqttConfig,
     window: usize,
     metrics: GatewayMetrics,
+    pool: Pool<Received>,
 ) -> Result<(MqttSource, mpsc::Receiver<SourceEvent>), String> {
     let url = parse_mqtt_url(&cfg.url)?;
     let (host, port) = (url.host, url.port);
@@ -322,27 +329,77 @@ pub fn start(
             (Acker::V5(c), Loop::V5(Box::new(el)))
         }
     };
+    // Batches; at most `queued` messages in them (the semaphore's permits
+    // go with a batch and come back when the pipeline is done with it).
     let (tx, rx) = mpsc::channel(queued);
+    let room = Arc::new(tokio::sync::Semaphore::new(queued));
     let stop = CancellationToken::new();
     let task = tokio::spawn(event_loop(
         el,
         acker.clone(),
         cfg.clone(),
-        tx,
+        (tx, room),
         metrics,
         stop.clone(),
+        pool,
     ));
     Ok((MqttSource { acker, task, stop }, rx))
 }
+
+/// Most payloads passed on in one [`Received`]: one wake-up of the pipeline
+/// for a socket's worth of messages, not for each read of ten.
+const MAX_BATCH: usize = 256;
+
+/// Polls `f` once. For the event loop's `poll`, which is cancel-safe (what it
+/// read stays queued in rumqttc, what it wrote stays in the write buffer):
+/// dropped when it would wait.
+fn now_or_never<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// Passes `batch` on to the pipeline, waiting while its channel is full (then
+/// nothing more is read: see the module docs). False if the pipeline is gone.
+async fn pass_on(batch: &mut Option<Received>, out: &Out, stop: &CancellationToken) -> bool {
+    let Some(mut b) = batch.take() else {
+        return true;
+    };
+    let (tx, room) = out;
+    let n = u32::try_from(b.len()).unwrap_or(u32::MAX);
+    let sent = async {
+        // Closed only with the pipeline gone.
+        let Ok(permit) = room.clone().acquire_many_owned(n).await else {
+            return false;
+        };
+        b.hold(permit);
+        tx.send(SourceEvent::Messages(b)).await.is_ok()
+    };
+    tokio::select! {
+        sent = sent => sent,
+        // Shutting down: not taken (the broker redelivers it); keep polling
+        // so the last acks and the DISCONNECT go out.
+        _ = stop.cancelled() => true,
+    }
+}
+
+/// Where messages go: the pipeline's channel, and the room left in it (in
+/// messages).
+type Out = (mpsc::Sender<SourceEvent>, Arc<tokio::sync::Semaphore>);
 
 async fn event_loop(
     mut el: Loop,
     acker: Acker,
     cfg: MqttConfig,
-    tx: mpsc::Sender<SourceEvent>,
+    out: Out,
     metrics: GatewayMetrics,
     stop: CancellationToken,
+    pool: Pool<Received>,
 ) {
+    let tx = &out.0;
     let min = Duration::from_millis(cfg.reconnect_min_ms);
     let max = Duration::from_millis(cfg.reconnect_max_ms);
     let mut backoff = min;
@@ -353,83 +410,114 @@ async fn event_loop(
         Acker::V5(_) => None,
     };
     let mut scratch = Vec::new();
-    loop {
-        match el.poll().await {
-            Ok(Polled::AckSent(pkid)) => {
-                if let Some(b) = &batches {
-                    write_rest(&mut el, b, pkid, &mut scratch).await;
-                }
-            }
-            Ok(Polled::ConnAck { session_present }) => {
-                connected = true;
-                backoff = min;
-                subacks = 0;
-                tracing::info!(url = %cfg.url, session_present, "MQTT connected; subscribing");
-                // Acks of the old connection not written by now are dropped: written
-                // later, a reused pkid could ack a message not yet in Kafka.
-                if let Some(b) = &batches {
-                    lock(b).clear();
-                }
-                metrics.security.cleared("mqtt", &SecurityKind::CONNECTION);
-                // A new connection: the broker redelivers whatever was not acked.
-                let _ = tx.send(SourceEvent::Connected).await;
-                acker.subscribe_all(&cfg.subscriptions());
-            }
-            Ok(Polled::Publish(msg)) => {
-                tokio::select! {
-                    sent = tx.send(SourceEvent::Message(msg)) => if sent.is_err() {
-                        break; // pipeline gone
-                    },
-                    // Shutting down: not taken (the broker redelivers it); keep
-                    // polling so the last acks and the DISCONNECT go out.
-                    _ = stop.cancelled() => {}
-                }
-            }
-            Ok(Polled::SubAck { refused }) if refused > 0 => {
-                metrics.security.failed(
-                    "mqtt",
-                    SecurityKind::Acl,
-                    format!(
-                        "{} refused {refused} of the subscriptions {:?} for user {} (check the broker's ACL)",
-                        cfg.url,
-                        cfg.subscriptions(),
-                        cfg.username.as_deref().unwrap_or("(none)")
-                    ),
-                );
-            }
-            Ok(Polled::SubAck { .. }) => {
-                subacks += 1;
-                // Ready only once every filter is subscribed.
-                if subacks == cfg.topics.len() {
-                    metrics.security.cleared("mqtt", &SecurityKind::ALL);
-                    metrics.mqtt_up(&cfg.url);
-                }
-            }
-            Ok(Polled::Disconnecting) => break,
-            Ok(_) => {}
-            Err(e) => {
-                if stop.is_cancelled() {
-                    break;
-                }
-                match crate::security::mqtt::classify(&e) {
-                    Some(kind) => {
-                        let user = cfg.username.as_deref();
-                        let why = crate::security::mqtt::describe(kind, &cfg.url, user, &e);
-                        metrics.security.failed("mqtt", kind, why);
-                        metrics.mqtt_connected.set(0);
-                    }
-                    None => {
-                        let hint = crate::security::mqtt::plaintext_hint(&cfg.url, &e);
-                        metrics.mqtt_down(&cfg.url, &format!("{e}{hint}"), connected)
+    let mut batch: Option<Received> = None;
+    // The last batch's size, for the next one.
+    let mut size = (0, 0, 0);
+    'poll: loop {
+        let mut next = el.poll().await;
+        loop {
+            match next {
+                Ok(Polled::Publish {
+                    topic,
+                    payload,
+                    pkid,
+                }) => {
+                    // Copied: a payload is a slice of rumqttc's read buffer,
+                    // and one slice alive keeps the whole buffer.
+                    let b = batch.get_or_insert_with(|| Received::reuse(&pool, now_ms(), size));
+                    b.push(&topic, None, &payload, pkid);
+                    size = b.size();
+                    if b.len() >= MAX_BATCH && !pass_on(&mut batch, &out, &stop).await {
+                        break 'poll; // pipeline gone
                     }
                 }
-                connected = false;
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.cancelled() => break,
+                Ok(Polled::AckSent(pkid)) => {
+                    if let Some(b) = &batches {
+                        write_rest(&mut el, b, pkid, &mut scratch).await;
+                    }
                 }
-                backoff = (backoff * 2).min(max);
+                Ok(Polled::ConnAck { session_present }) => {
+                    if !pass_on(&mut batch, &out, &stop).await {
+                        break 'poll;
+                    }
+                    connected = true;
+                    backoff = min;
+                    subacks = 0;
+                    tracing::info!(url = %cfg.url, session_present, "MQTT connected; subscribing");
+                    // Acks of the old connection not written by now are dropped: written
+                    // later, a reused pkid could ack a message not yet in Kafka.
+                    if let Some(b) = &batches {
+                        lock(b).clear();
+                    }
+                    metrics.security.cleared("mqtt", &SecurityKind::CONNECTION);
+                    // A new connection: the broker redelivers whatever was not acked.
+                    let _ = tx.send(SourceEvent::Connected).await;
+                    acker.subscribe_all(&cfg.subscriptions());
+                }
+                Ok(Polled::SubAck { refused }) if refused > 0 => {
+                    metrics.security.failed(
+                        "mqtt",
+                        SecurityKind::Acl,
+                        format!(
+                            "{} refused {refused} of the subscriptions {:?} for user {} (check the broker's ACL)",
+                            cfg.url,
+                            cfg.subscriptions(),
+                            cfg.username.as_deref().unwrap_or("(none)")
+                        ),
+                    );
+                }
+                Ok(Polled::SubAck { .. }) => {
+                    subacks += 1;
+                    // Ready only once every filter is subscribed.
+                    if subacks == cfg.topics.len() {
+                        metrics.security.cleared("mqtt", &SecurityKind::ALL);
+                        metrics.mqtt_up(&cfg.url);
+                    }
+                }
+                Ok(Polled::Disconnecting) => break 'poll,
+                Ok(Polled::Other) => {}
+                Err(e) => {
+                    // What arrived before the connection broke goes on first.
+                    if !pass_on(&mut batch, &out, &stop).await || stop.is_cancelled() {
+                        break 'poll;
+                    }
+                    match crate::security::mqtt::classify(&e) {
+                        Some(kind) => {
+                            let user = cfg.username.as_deref();
+                            let why = crate::security::mqtt::describe(kind, &cfg.url, user, &e);
+                            metrics.security.failed("mqtt", kind, why);
+                            metrics.mqtt_connected.set(0);
+                        }
+                        None => {
+                            let hint = crate::security::mqtt::plaintext_hint(&cfg.url, &e);
+                            metrics.mqtt_down(&cfg.url, &format!("{e}{hint}"), connected)
+                        }
+                    }
+                    connected = false;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.cancelled() => break 'poll,
+                    }
+                    backoff = (backoff * 2).min(max);
+                    continue 'poll;
+                }
             }
+            // More of what already arrived, without waiting: first what
+            // rumqttc queued, then whatever the socket has now, up to a batch.
+            if let Some(ev) = el.buffered() {
+                next = Ok(ev);
+                continue;
+            }
+            if batch.as_ref().is_none_or(|b| b.len() >= MAX_BATCH) {
+                break;
+            }
+            match now_or_never(el.poll()) {
+                Some(ev) => next = ev,
+                None => break,
+            }
+        }
+        if !pass_on(&mut batch, &out, &stop).await {
+            break;
         }
     }
     metrics.mqtt_connected.set(0);

@@ -29,19 +29,23 @@ impl SeqTracker {
     }
 
     pub fn observe(&mut self, device: &str, seq: u64) -> SeqOutcome {
-        match self.last.touch(device, || seq) {
-            (_, true) => SeqOutcome::First,
-            (last, _) if seq <= *last => SeqOutcome::Repeat,
-            (last, _) => {
-                let missing = seq - *last - 1;
-                *last = seq;
-                if missing == 0 {
-                    SeqOutcome::InOrder
-                } else {
-                    SeqOutcome::Gap(missing)
+        self.last.touch_with(
+            device,
+            || seq,
+            |last, created| match created {
+                true => SeqOutcome::First,
+                false if seq <= *last => SeqOutcome::Repeat,
+                false => {
+                    let missing = seq - *last - 1;
+                    *last = seq;
+                    if missing == 0 {
+                        SeqOutcome::InOrder
+                    } else {
+                        SeqOutcome::Gap(missing)
+                    }
                 }
-            }
-        }
+            },
+        )
     }
 
     /// Devices tracked.

@@ -1,18 +1,19 @@
 //! Simulated source: an in-process fleet (the simulator's generator) feeding the
 //! same pipeline as MQTT, so the gateway's main job runs without a broker.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Incoming, SourceEvent};
+use super::{Received, SourceEvent};
 use crate::config::SimulateConfig;
 use crate::fleet::{Emitted, Fleet, FleetSpec, Pacer};
 
 /// Starts the fleet task; readings arrive on the returned channel.
 pub fn start(cfg: &SimulateConfig, shutdown: CancellationToken) -> mpsc::Receiver<SourceEvent> {
-    let (tx, rx) = mpsc::channel(1024);
+    // Batches of up to 256 readings.
+    let (tx, rx) = mpsc::channel(16);
     let spec = FleetSpec {
         devices: cfg.devices,
         seed: cfg.seed,
@@ -28,28 +29,31 @@ pub fn start(cfg: &SimulateConfig, shutdown: CancellationToken) -> mpsc::Receive
         let mut next = 0usize;
         loop {
             let due = pacer.due(10_000);
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            let mut batch = Received::new(now);
             for _ in 0..due {
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_millis() as i64)
-                    .unwrap_or(0);
                 out.clear();
                 fleet.tick(next, now, &mut out);
-                let device = fleet.device_id(next).to_string();
+                let device = fleet.device_id(next);
+                for e in out.iter().filter(|e| !e.payload.is_empty()) {
+                    batch.push("simulated", Some(device), &e.payload, None);
+                }
                 next = (next + 1) % fleet.len();
-                for e in out.drain(..).filter(|e| !e.payload.is_empty()) {
-                    let msg = Incoming {
-                        topic: "simulated".into(),
-                        device: Some(device.clone()),
-                        payload: e.payload.into(),
-                        received_ms: now,
-                        received_at: Instant::now(),
-                        pkid: None,
-                    };
+                if batch.len() >= 256 {
+                    let full = std::mem::replace(&mut batch, Received::new(now));
                     tokio::select! {
-                        r = tx.send(SourceEvent::Message(msg)) => if r.is_err() { return },
+                        r = tx.send(SourceEvent::Messages(full)) => if r.is_err() { return },
                         _ = shutdown.cancelled() => return,
                     }
+                }
+            }
+            if !batch.is_empty() {
+                tokio::select! {
+                    r = tx.send(SourceEvent::Messages(batch)) => if r.is_err() { return },
+                    _ = shutdown.cancelled() => return,
                 }
             }
             pacer.sent(due);

@@ -81,39 +81,84 @@ fn crc(len: u32, body: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&len.to_le_bytes()), body)
 }
 
+/// What a record carries besides its key, headers and value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordMeta {
+    pub received_ms: i64,
+    pub ts_ms: Option<i64>,
+    pub dlq: bool,
+    pub seq: Option<u64>,
+}
+
 /// Appends `r` with `offset` to `out`.
 pub fn encode(r: &Record, offset: u64, out: &mut Vec<u8>) {
+    let meta = RecordMeta {
+        received_ms: r.received_ms,
+        ts_ms: r.ts_ms,
+        dlq: r.dlq,
+        seq: r.seq,
+    };
+    let headers = r.headers.iter().map(|(k, v)| (k.as_ref(), v.as_ref()));
+    encode_parts(out, offset, meta, r.key.as_deref(), headers, &r.value);
+}
+
+/// Appends a record made of these parts to `out`: what intake uses, so that a
+/// reading goes from its payload to these bytes without a [`Record`] between.
+pub fn encode_parts<'h>(
+    out: &mut Vec<u8>,
+    offset: u64,
+    m: RecordMeta,
+    key: Option<&[u8]>,
+    headers: impl ExactSizeIterator<Item = (&'h str, &'h [u8])>,
+    value: &[u8],
+) {
     let start = out.len();
     out.extend_from_slice(&[0u8; RECORD_PREFIX_LEN]);
     let mut flags = 0;
-    if r.dlq {
+    if m.dlq {
         flags |= FLAG_DLQ;
     }
-    if r.seq.is_some() {
+    if m.seq.is_some() {
         flags |= FLAG_SEQ;
     }
-    if r.key.is_some() {
+    if key.is_some() {
         flags |= FLAG_KEY;
     }
-    if r.ts_ms.is_some() {
+    if m.ts_ms.is_some() {
         flags |= FLAG_TS;
     }
     out.extend_from_slice(&offset.to_le_bytes());
-    out.extend_from_slice(&r.received_ms.to_le_bytes());
-    out.extend_from_slice(&r.ts_ms.unwrap_or(0).to_le_bytes());
+    out.extend_from_slice(&m.received_ms.to_le_bytes());
+    out.extend_from_slice(&m.ts_ms.unwrap_or(0).to_le_bytes());
     out.push(flags);
-    out.extend_from_slice(&r.seq.unwrap_or(0).to_le_bytes());
-    put_bytes16(out, r.key.as_deref().unwrap_or_default());
-    out.extend_from_slice(&(r.headers.len().min(u16::MAX as usize) as u16).to_le_bytes());
-    for (k, v) in r.headers.iter().take(u16::MAX as usize) {
+    out.extend_from_slice(&m.seq.unwrap_or(0).to_le_bytes());
+    put_bytes16(out, key.unwrap_or_default());
+    let count = headers.len().min(u16::MAX as usize);
+    out.extend_from_slice(&(count as u16).to_le_bytes());
+    for (k, v) in headers.take(count) {
         put_bytes16(out, k.as_bytes());
         put_bytes32(out, v);
     }
-    put_bytes32(out, &r.value);
-    let len = (out.len() - start - RECORD_PREFIX_LEN) as u32;
-    let c = crc(len, &out[start + RECORD_PREFIX_LEN..]);
-    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
-    out[start + 4..start + 8].copy_from_slice(&c.to_le_bytes());
+    put_bytes32(out, value);
+    seal(&mut out[start..]);
+}
+
+/// Writes the length and checksum of the record that is all of `rec`.
+fn seal(rec: &mut [u8]) {
+    let len = (rec.len() - RECORD_PREFIX_LEN) as u32;
+    let c = crc(len, &rec[RECORD_PREFIX_LEN..]);
+    rec[..4].copy_from_slice(&len.to_le_bytes());
+    rec[4..8].copy_from_slice(&c.to_le_bytes());
+}
+
+/// Gives the encoded record at the start of `buf` the offset `offset` (and
+/// its new checksum); returns its length. The spool writer numbers records
+/// that intake encoded this way.
+pub fn restamp(buf: &mut [u8], offset: u64) -> Result<usize, Bad> {
+    let total = record_len(buf)?;
+    buf[RECORD_PREFIX_LEN..RECORD_PREFIX_LEN + 8].copy_from_slice(&offset.to_le_bytes());
+    seal(&mut buf[..total]);
+    Ok(total)
 }
 
 // Keys and header names are short by construction (device ids, fixed names);
@@ -453,6 +498,20 @@ mod tests {
         assert_eq!((r.key, r.value), (rec.key.as_deref(), &rec.value[..]));
         assert_eq!(r.to_owned(), rec);
         assert_eq!(rec.view().to_owned(), rec);
+    }
+
+    #[test]
+    fn restamped_records_decode_with_their_new_offset() {
+        let mut buf = Vec::new();
+        encode(&sample(), 0, &mut buf);
+        encode(&sample(), 0, &mut buf);
+        let n = restamp(&mut buf, 41).unwrap();
+        assert_eq!(restamp(&mut buf[n..], 42).unwrap(), buf.len() - n);
+        let (a, _) = decode(&buf).unwrap();
+        let (b, _) = decode(&buf[n..]).unwrap();
+        assert_eq!((a.offset, b.offset), (41, 42));
+        assert_eq!(Record { offset: 0, ..a }, sample());
+        assert_eq!(restamp(&mut buf[..n - 1], 1), Err(Bad::Incomplete));
     }
 
     #[test]

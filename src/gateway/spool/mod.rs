@@ -308,15 +308,42 @@ impl Spool {
     /// Writes `records` (assigning their offsets) without fsync. On `full`
     /// nothing was written and the offsets are unset.
     pub fn append(&mut self, records: &mut [Record]) -> io::Result<Appended> {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        for r in records.iter() {
+            format::encode(r, 0, &mut buf);
+        }
+        let out = self.append_encoded(&mut buf, records.len());
+        self.buf = buf;
+        let out = out?;
+        if !out.full {
+            let first = self.next - records.len() as u64;
+            for (i, r) in records.iter_mut().enumerate() {
+                r.offset = first + i as u64;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `count` records encoded back to back in `encoded` (by
+    /// [`format::encode`], any offsets: they are given theirs here) without
+    /// fsync. On `full` nothing was written.
+    pub fn append_encoded(&mut self, encoded: &mut [u8], count: usize) -> io::Result<Appended> {
         let mut out = Appended::default();
-        if records.is_empty() {
+        if count == 0 {
             return Ok(out);
         }
-        self.buf.clear();
-        for (i, r) in records.iter().enumerate() {
-            format::encode(r, self.next + i as u64, &mut self.buf);
+        let mut at = 0;
+        for i in 0..count as u64 {
+            at += format::restamp(&mut encoded[at..], self.next + i).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("record {i} of a group is not encoded ({e:?})"),
+                )
+            })?;
         }
-        let len = self.buf.len() as u64;
+        let encoded = &encoded[..at];
+        let len = at as u64;
         loop {
             if self.active_records() > 0 && self.active_bytes() + len > self.opts.segment_bytes {
                 match self.rotate() {
@@ -339,7 +366,7 @@ impl Spool {
                 continue;
             }
             let before = self.active_bytes();
-            match self.active.write_all(&self.buf) {
+            match self.active.write_all(encoded) {
                 Ok(()) => break,
                 Err(e) if is_no_space(&e) => {
                     // Undo the partial write, then apply the policy.
@@ -352,10 +379,7 @@ impl Spool {
                 Err(e) => return Err(e),
             }
         }
-        for (i, r) in records.iter_mut().enumerate() {
-            r.offset = self.next + i as u64;
-        }
-        self.next += records.len() as u64;
+        self.next += count as u64;
         self.total_bytes += len;
         if let Some(a) = self.segments.back_mut() {
             a.end = self.next;

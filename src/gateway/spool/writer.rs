@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Record, Spool};
+use super::Spool;
 use crate::gateway::acks::{AckEvent, AckId};
+use crate::gateway::batch::{Batch, BufPool};
 use crate::gateway::metrics::GatewayMetrics;
 
 /// When appended records are fsynced.
@@ -36,18 +37,12 @@ impl SyncPolicy {
     }
 }
 
-/// One reading for the writer; `record: None` writes nothing (a duplicate or a
-/// reading dropped by intake) but is confirmed in order with the others.
-#[derive(Debug)]
-pub struct Entry {
-    pub ack: AckId,
-    pub record: Option<Record>,
-}
-
 /// Handle to the writer thread.
 #[derive(Debug)]
 pub struct Writer {
-    pub tx: Sender<Vec<Entry>>,
+    /// The pipeline's batches: their records are written, their acks
+    /// (readings with a record or without) confirmed in order once durable.
+    pub tx: Sender<Batch>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -61,13 +56,14 @@ impl Writer {
         policy: SyncPolicy,
         events: UnboundedSender<AckEvent>,
         metrics: GatewayMetrics,
+        pool: BufPool,
     ) -> std::io::Result<Writer> {
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || run(spool, rx, policy, events, metrics, s))?;
+            .spawn(move || run(spool, rx, policy, events, metrics, s, pool))?;
         Ok(Writer {
             tx,
             stop,
@@ -91,16 +87,31 @@ fn lock(spool: &Mutex<Spool>) -> std::sync::MutexGuard<'_, Spool> {
     spool.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Adds a batch to the group; its buffer goes back to the pipeline.
+fn take(b: Batch, group: &mut Vec<u8>, records: &mut usize, acks: &mut Vec<AckId>, pool: &BufPool) {
+    if group.is_empty() {
+        pool.give_buf(std::mem::replace(group, b.buf));
+    } else {
+        group.extend_from_slice(&b.buf);
+        pool.give_buf(b.buf);
+    }
+    *records += b.records;
+    acks.extend(b.acks);
+}
+
 fn run(
     spool: Arc<Mutex<Spool>>,
-    rx: Receiver<Vec<Entry>>,
+    rx: Receiver<Batch>,
     policy: SyncPolicy,
     events: UnboundedSender<AckEvent>,
     metrics: GatewayMetrics,
     stop: Arc<AtomicBool>,
+    pool: BufPool,
 ) {
-    let mut group: Vec<Entry> = Vec::new();
-    let mut records: Vec<Record> = Vec::new();
+    // The group: records encoded back to back (numbered by the spool when
+    // appended) and every reading's ack.
+    let mut group: Vec<u8> = Vec::new();
+    let mut records = 0usize;
     let mut acks: Vec<AckId> = Vec::new();
     let mut last_sync = Instant::now();
     let mut dirty = false;
@@ -111,25 +122,19 @@ fn run(
     };
     loop {
         match rx.recv_timeout(tick) {
-            Ok(first) => group.extend(first),
+            Ok(first) => take(first, &mut group, &mut records, &mut acks, &pool),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
-        while group.len() < MAX_GROUP {
+        while records < MAX_GROUP {
             match rx.try_recv() {
-                Ok(more) => group.extend(more),
+                Ok(more) => take(more, &mut group, &mut records, &mut acks, &pool),
                 Err(_) => break,
             }
         }
-        records.clear();
-        acks.clear();
-        for e in group.drain(..) {
-            acks.push(e.ack);
-            records.extend(e.record);
-        }
-        if !records.is_empty() {
+        if records > 0 {
             loop {
-                let appended = lock(&spool).append(&mut records);
+                let appended = lock(&spool).append_encoded(&mut group, records);
                 match appended {
                     Ok(a) => {
                         metrics.spool_dropped_full(a.dropped_records, a.dropped_bytes);
@@ -157,8 +162,10 @@ fn run(
                 metrics.spool_full(false);
                 let _ = events.send(AckEvent::SpoolFull(false));
             }
-            metrics.spool_appended(records.len());
+            metrics.spool_appended(records);
             dirty = true;
+            group.clear();
+            records = 0;
         }
         let sync_now = dirty
             && match policy {
