@@ -79,7 +79,7 @@ impl Batch {
 /// the next one is written into memory that has its size already instead of
 /// being grown anew, and is freed on the thread that allocated it.
 #[derive(Debug)]
-pub struct Pool<T>(Arc<Mutex<Vec<T>>>);
+pub struct Pool<T>(Arc<(Mutex<Vec<T>>, usize)>);
 
 impl<T> Clone for Pool<T> {
     fn clone(&self) -> Self {
@@ -88,27 +88,35 @@ impl<T> Clone for Pool<T> {
 }
 
 impl<T> Default for Pool<T> {
+    /// Keeps two: what a drain needs, bounded.
     fn default() -> Self {
-        Pool(Arc::default())
+        Pool::new(2)
     }
 }
 
-/// Buffers kept: what a drain needs, bounded.
-const POOL_KEEP: usize = 2;
 /// The largest batch buffer kept.
 const POOL_MAX_BYTES: usize = 4 << 20;
 
 impl<T> Pool<T> {
+    /// A pool that keeps at most `keep`.
+    pub fn new(keep: usize) -> Self {
+        Pool(Arc::new((Mutex::new(Vec::new()), keep)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<T>> {
+        self.0 .0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Gives back something emptied (dropped if the pool is full).
     pub fn give(&self, t: T) {
-        let mut p = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if p.len() < POOL_KEEP {
+        let mut p = self.lock();
+        if p.len() < self.0 .1 {
             p.push(t);
         }
     }
 
     pub fn take(&self) -> Option<T> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop()
+        self.lock().pop()
     }
 }
 
@@ -123,5 +131,16 @@ impl Pool<Vec<u8>> {
     }
 }
 
+impl Pool<Vec<AckId>> {
+    /// Gives back a list of settled ids once read.
+    pub fn give_ids(&self, mut ids: Vec<AckId>) {
+        ids.clear();
+        self.give(ids);
+    }
+}
+
 /// Batch buffers.
 pub type BufPool = Pool<Vec<u8>>;
+/// Lists of settled ids (from the forwarder or the spool writer, back from
+/// the pipeline).
+pub type IdPool = Pool<Vec<AckId>>;

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::acks::AckEvent;
-use super::batch::{Batch, BufPool};
+use super::batch::{Batch, BufPool, IdPool};
 use super::delivered::{self, Positions};
 use super::intake::dead_letter;
 use super::kafka::{self, GatewayProducer, ProducerSlot, Report};
@@ -52,6 +52,8 @@ pub enum Feed {
         settled: mpsc::UnboundedSender<AckEvent>,
         /// Where a batch's buffer goes once its records are settled.
         pool: BufPool,
+        /// Where lists for settled ids come from.
+        ids: IdPool,
     },
 }
 
@@ -108,6 +110,7 @@ pub struct Forwarder {
     /// (with the spool the reader rewinds instead).
     kept: VecDeque<(u64, Batch)>,
     pool: BufPool,
+    ids: IdPool,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -151,6 +154,7 @@ impl Forwarder {
             ack_each: false,
             kept: VecDeque::new(),
             pool: BufPool::default(),
+            ids: IdPool::default(),
         }
     }
 
@@ -204,9 +208,15 @@ impl Forwarder {
                 self.find_delivered(&dir, pending).await;
                 (Some(reader), Some(spool), None, None, Some(dir))
             }
-            Feed::Memory { rx, settled, pool } => {
+            Feed::Memory {
+                rx,
+                settled,
+                pool,
+                ids,
+            } => {
                 self.ack_each = true;
                 self.pool = pool;
+                self.ids = ids;
                 (None, None, Some(rx), Some(settled), None)
             }
         };
@@ -597,8 +607,7 @@ impl Forwarder {
         }
         if let Some(settled) = settled {
             if !self.settled_ids.is_empty() {
-                // Sized like this one: the next is grown once, not push by push.
-                let next = Vec::with_capacity(self.settled_ids.len());
+                let next = self.ids.take().unwrap_or_default();
                 let ids = std::mem::replace(&mut self.settled_ids, next);
                 let _ = settled.send(AckEvent::Ready(ids));
             }

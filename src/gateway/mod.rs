@@ -302,7 +302,8 @@ pub async fn run_with_reload(
     let producer = kafka::current(&slot);
     // MQTT first: the broker starts keeping our messages as soon as we are
     // subscribed, even while Kafka is still being checked.
-    let received = batch::Pool::default();
+    // About as many as can wait for the pipeline (see mqtt).
+    let received = batch::Pool::new(8);
     let (mqtt, mut mqtt_rx) = if cfg.mqtt.enabled {
         let (source, events) = mqtt::start(
             &cfg.mqtt,
@@ -340,8 +341,10 @@ pub async fn run_with_reload(
     let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<AckEvent>();
     let grace = Duration::from_millis(cfg.shutdown.grace_period_ms);
     let fwd_stop = CancellationToken::new();
-    // Batch buffers come back here from whoever is done with them.
+    // Batch buffers come back here from whoever is done with them, and the
+    // lists of settled ids from the pipeline.
     let pool = batch::BufPool::default();
+    let ids = batch::IdPool::default();
     let (out, feed, recent) = match opened {
         Some(o) => {
             let policy = SyncPolicy::from_config(&cfg.spool);
@@ -350,7 +353,7 @@ pub async fn run_with_reload(
                 policy,
                 settled_tx,
                 metrics.clone(),
-                pool.clone(),
+                (pool.clone(), ids.clone()),
             )
             .map_err(|e| GatewayError::Spool(format!("starting the writer thread: {e}")))?;
             let feed = Feed::Spool {
@@ -371,6 +374,7 @@ pub async fn run_with_reload(
                 rx,
                 settled: settled_tx,
                 pool: pool.clone(),
+                ids: ids.clone(),
             };
             (Out::Memory(tx, Batch::default(), pool), feed, None)
         }
@@ -406,6 +410,7 @@ pub async fn run_with_reload(
     let mut pipeline = Pipeline::new(&cfg, metrics.clone(), out, recent);
     pipeline.limits = Some(limits_rx);
     pipeline.received = received;
+    pipeline.ids = ids;
     let acker = mqtt.as_ref().map(|m| m.acker.clone());
     let mut sim_rx = match sim {
         Some(rx) => rx,
@@ -457,8 +462,11 @@ enum Out {
 impl Out {
     /// Hands on what this wake-up accepted.
     fn send_batch(&mut self) -> Result<(), GatewayError> {
+        // The next one gets a buffer back, or one the size of this one.
         let next = |b: &mut Batch, pool: &batch::BufPool| {
-            let buf = pool.take().unwrap_or_default();
+            let buf = pool
+                .take()
+                .unwrap_or_else(|| Vec::with_capacity(b.buf.len()));
             std::mem::replace(
                 b,
                 Batch {
@@ -503,8 +511,10 @@ struct Pipeline {
     pending: usize,
     window: usize,
     encoder: intake::Encoder,
-    /// Where emptied [`Received`] go back to the MQTT source.
+    /// Where emptied [`Received`] go back to the MQTT source...
     received: batch::Pool<Received>,
+    /// ...and read lists of settled ids to the forwarder or spool writer.
+    ids: batch::IdPool,
     pkids: Vec<u16>,
     /// Each topic filter with the position of its first `+` (the device id).
     plus_segments: Vec<(String, Option<usize>)>,
@@ -525,6 +535,7 @@ impl Pipeline {
             window: cfg.kafka.max_in_flight,
             encoder: intake::Encoder::default(),
             received: batch::Pool::default(),
+            ids: batch::IdPool::default(),
             pkids: Vec::with_capacity(1024),
             plus_segments: cfg
                 .mqtt
@@ -642,10 +653,11 @@ impl Pipeline {
     fn on_settled(&mut self, ev: AckEvent) -> Result<(), GatewayError> {
         match ev {
             AckEvent::Ready(ids) => {
-                for id in ids {
+                for &id in &ids {
                     self.tracker.complete(id);
                     self.pending = self.pending.saturating_sub(1);
                 }
+                self.ids.give_ids(ids);
             }
             AckEvent::SpoolFull(_) => {}
             AckEvent::Fatal(e) => return Err(GatewayError::Spool(e)),

@@ -12,7 +12,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::Spool;
 use crate::gateway::acks::{AckEvent, AckId};
-use crate::gateway::batch::{Batch, BufPool};
+use crate::gateway::batch::{Batch, BufPool, IdPool};
 use crate::gateway::metrics::GatewayMetrics;
 
 /// When appended records are fsynced.
@@ -56,14 +56,14 @@ impl Writer {
         policy: SyncPolicy,
         events: UnboundedSender<AckEvent>,
         metrics: GatewayMetrics,
-        pool: BufPool,
+        pools: (BufPool, IdPool),
     ) -> std::io::Result<Writer> {
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || run(spool, rx, policy, events, metrics, s, pool))?;
+            .spawn(move || run(spool, rx, policy, events, metrics, s, pools))?;
         Ok(Writer {
             tx,
             stop,
@@ -106,7 +106,7 @@ fn run(
     events: UnboundedSender<AckEvent>,
     metrics: GatewayMetrics,
     stop: Arc<AtomicBool>,
-    pool: BufPool,
+    (pool, ids): (BufPool, IdPool),
 ) {
     // The group: records encoded back to back (numbered by the spool when
     // appended) and every reading's ack.
@@ -188,7 +188,10 @@ fn run(
             s.publish();
             drop(s);
             if events
-                .send(AckEvent::Ready(std::mem::take(&mut acks)))
+                .send(AckEvent::Ready(std::mem::replace(
+                    &mut acks,
+                    ids.take().unwrap_or_default(),
+                )))
                 .is_err()
             {
                 break;
