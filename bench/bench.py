@@ -288,10 +288,14 @@ def case_mqtt_ceiling(n):
     return {"rate": total / elapsed, "count": total}
 
 
-def case_kafka_ceiling(n):
+def case_kafka_ceiling(n, headers=False):
+    """A plain rdkafka producer with the gateway's settings; with `headers`,
+    each record also has the gateway's three headers: librdkafka's own CPU for
+    the gateway's record shape, the floor of the gateway's Kafka side."""
     topic = unique("kafka")
     create_topic(topic)
-    r = subprocess.run([str(REL / "examples" / "kafka_produce"), KAFKA, topic, str(n), "10000"],
+    r = subprocess.run([str(REL / "examples" / "kafka_produce"), KAFKA, topic, str(n), "10000"]
+                       + (["--headers"] if headers else []),
                        capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise BenchError(r.stderr)
@@ -300,7 +304,7 @@ def case_kafka_ceiling(n):
     delete_topics([topic])
     if got != n:
         raise BenchError(f"kafka ceiling: {got} records in the topic, expected {n}")
-    return {"rate": out["rate"], "count": n}
+    return {"rate": out["rate"], "count": n, "cpu_us_per_reading": out["cpu_us_per_record"]}
 
 
 def start_gateway(name, topic, dlq, prefix, mode, http_port, extra=None, spool_dir=None):
@@ -361,7 +365,7 @@ def case_e2e(kind, n, devices, mode="async"):
 
 
 TELEGRAF = os.environ.get("TELEGRAF_BIN", str(ROOT / ".cache" / "telegraf" / "v1.39.3" / "telegraf"))
-DRAIN_KINDS = ("gateway_spool", "gateway_nospool", "python", "telegraf", "mqtt")
+DRAIN_KINDS = ("gateway_spool", "gateway_nospool", "python", "telegraf", "mqtt", "mqtt_client")
 
 
 def telegraf_config(path, prefix, client_id, topic, window):
@@ -429,6 +433,10 @@ def drain_bridge(kind, prefix, topic, dlq, port, spool_dir, n_total):
         conf = ROOT / "bench" / "out" / f"{prefix}-telegraf.conf"
         telegraf_config(conf, prefix, prefix + "-tg", topic, 5_000)
         return Proc("telegraf", [TELEGRAF, "--config", str(conf)])
+    if kind == "mqtt_client":
+        # The gateway's MQTT client alone (rumqttc, acks at once): its side's floor.
+        return Proc("mqtt-drain-rumqttc", [str(REL / "examples" / "mqtt_drain"), MQTT_HOST, MQTT_PORT,
+                                           prefix + "-rumqttc", f"{prefix}/+/telemetry", str(n_total)])
     # Mosquitto's own delivery ceiling: a counting subscriber that acks at once.
     return Proc("mqtt-drain-sub", ["mosquitto_sub", "-h", MQTT_HOST, "-p", MQTT_PORT, "-q", "1", "-c",
                                    "-i", prefix + "-sub", "-t", f"{prefix}/+/telemetry", "-C", str(n_total)])
@@ -446,7 +454,8 @@ def case_drain(kind, n, devices):
     persistent session subscribes once and goes away, the simulator fills the
     broker's queue for it, then the bridge starts and is timed from its start
     to the last record in Kafka (read back: each (device, seq) exactly once).
-    kind "mqtt": a counting subscriber instead, timed to its N-th message."""
+    kind "mqtt": a counting subscriber instead, timed to its N-th message;
+    "mqtt_client": rumqttc alone, the same way (it reports its own CPU)."""
     if kind == "telegraf" and os.environ.get("TELEGRAF_SKIP"):
         raise Skipped(os.environ["TELEGRAF_SKIP"])
     if kind == "telegraf" and not os.access(TELEGRAF, os.X_OK):
@@ -454,15 +463,17 @@ def case_drain(kind, n, devices):
     topic, dlq, prefix = unique("drain"), unique("drain-dlq"), unique(f"drain-{kind}")
     per = max(1, n // devices)
     total = per * devices
-    if kind != "mqtt":
+    if kind not in ("mqtt", "mqtt_client"):
         create_topic(topic)
         create_topic(dlq, 1)
     spool_dir = ROOT / "bench" / "out" / "spool" / unique(kind)
     port = free_port()
     # Prime: subscribe the persistent session once, then leave.
-    p = drain_bridge(kind, prefix, topic, dlq, port, spool_dir, total)
+    p = drain_bridge(kind, prefix, topic, dlq, port, spool_dir, 0 if kind == "mqtt_client" else total)
     if kind.startswith("gateway"):
         p.stop()
+    elif kind == "mqtt_client":
+        wait_until(lambda: p.p.poll() is not None, 30, "the rumqttc subscriber to subscribe")
     else:
         time.sleep(3)
         p.stop()
@@ -475,12 +486,15 @@ def case_drain(kind, n, devices):
     p = drain_bridge(kind, prefix, topic, dlq, port, spool_dir, total)
     res = {}
     try:
-        if kind == "mqtt":
+        if kind in ("mqtt", "mqtt_client"):
             wait_until(lambda: p.p.poll() is not None, 900, "the counting subscriber")
             if p.p.returncode != 0:
                 raise BenchError(f"subscriber got fewer than {total}: {p.tail()}")
             elapsed = time.time() - t0
             cpu = rss = None
+            if kind == "mqtt_client":
+                p.log.flush()
+                cpu = json.loads(Path(p.log_path).read_text().strip().splitlines()[-1])["cpu_us_per_message"] * total / 1e6
         else:
             wait_until(lambda: topic_count(topic) >= total, 900, f"{total} records in Kafka", p)
             elapsed = time.time() - t0
@@ -497,7 +511,7 @@ def case_drain(kind, n, devices):
     res.update(rate=total / elapsed, count=total, peak_rss_mib=rss,
                cpu_us_per_reading=cpu and cpu / total * 1e6,
                broker_cpu_pct=broker_cpu and broker_cpu / elapsed * 100)
-    if kind != "mqtt":
+    if kind not in ("mqtt", "mqtt_client"):
         res["verified"] = checked_and_deleted(topic, dlq, total, f"{kind} drain")
     return res
 
@@ -868,6 +882,7 @@ def main():
         ("simulator_qos1", lambda: case_simulator(sizes["sim"] // 2, 1)),
         ("mqtt_ceiling", lambda: case_mqtt_ceiling(sizes["mqtt"])),
         ("kafka_ceiling", lambda: case_kafka_ceiling(sizes["kafka"])),
+        ("kafka_ceiling_headers", lambda: case_kafka_ceiling(sizes["kafka"], headers=True)),
         ("gateway_async", lambda: case_e2e("gateway", sizes["e2e"], sizes["e2e_devices"], "async")),
         ("gateway_sync", lambda: case_e2e("gateway", sizes["sync"], 100, "sync")),
         *[(f"drain_{k}", (lambda k=k: case_drain(k, sizes["drain"], 1_000))) for k in DRAIN_KINDS],

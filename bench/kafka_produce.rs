@@ -2,9 +2,18 @@
 //! rdkafka producer configured like the gateway's (idempotent, acks=all, lz4,
 //! linger 5 ms). Used for the Kafka ceiling and to pre-fill topics.
 //!
-//!   cargo run --release --example kafka_produce -- BOOTSTRAP TOPIC COUNT DEVICES
+//!   cargo run --release --example kafka_produce -- BOOTSTRAP TOPIC COUNT DEVICES [--headers]
 //!
-//! Prints one JSON line: {"count":N,"delivered":N,"seconds":S,"rate":R}.
+//! `--headers`: each record also carries the gateway's three headers (`schema`,
+//! `source`, `received_at`), so the run shows librdkafka's own cost for the
+//! gateway's record shape.
+//!
+//! Prints one JSON line: {"count":N,"delivered":N,"seconds":S,"rate":R,"cpu_us_per_record":C}
+//! (C: this process's user+system CPU over the run, all threads).
+
+#[path = "cpu.rs"]
+mod cpu;
+use cpu::cpu_seconds;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,6 +22,7 @@ use std::time::{Duration, Instant};
 use iot_gateway::reading::Reading;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 
@@ -32,8 +42,9 @@ impl ProducerContext for Count {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() != 5 {
-        return Err("usage: kafka_produce BOOTSTRAP TOPIC COUNT DEVICES".into());
+    let headers = args.get(5).map(String::as_str) == Some("--headers");
+    if args.len() != 5 && !(args.len() == 6 && headers) {
+        return Err("usage: kafka_produce BOOTSTRAP TOPIC COUNT DEVICES [--headers]".into());
     }
     let (bootstrap, topic) = (&args[1], &args[2]);
     let count: u64 = args[3].parse()?;
@@ -62,11 +73,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "200000")
         .create_with_context(Count(ok.clone(), failed.clone()))?;
-    let start = Instant::now();
+    let (start, cpu0) = (Instant::now(), cpu_seconds());
+    let received_at = iot_gateway::reading::format_ts(now);
     for (key, value) in &records {
         let mut rec = BaseRecord::to(topic)
             .key(key.as_str())
             .payload(value.as_str());
+        if headers {
+            rec = rec.headers(
+                OwnedHeaders::new_with_capacity(3)
+                    .insert(Header {
+                        key: "schema",
+                        value: Some("1"),
+                    })
+                    .insert(Header {
+                        key: "source",
+                        value: Some("sensors/sensor-00001/telemetry"),
+                    })
+                    .insert(Header {
+                        key: "received_at",
+                        value: Some(received_at.as_str()),
+                    }),
+            );
+        }
         loop {
             match producer.send(rec) {
                 Ok(()) => break,
@@ -80,11 +109,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     producer.flush(Duration::from_secs(120))?;
     let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
     let delivered = ok.load(Ordering::Relaxed);
     println!(
-        "{{\"count\":{count},\"delivered\":{delivered},\"failed\":{},\"seconds\":{secs:.3},\"rate\":{:.0}}}",
+        "{{\"count\":{count},\"delivered\":{delivered},\"failed\":{},\"seconds\":{secs:.3},\"rate\":{:.0},\"cpu_us_per_record\":{:.3}}}",
         failed.load(Ordering::Relaxed),
-        delivered as f64 / secs
+        delivered as f64 / secs,
+        cpu / count.max(1) as f64 * 1e6
     );
     if delivered != count {
         return Err(format!("only {delivered} of {count} delivered").into());

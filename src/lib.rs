@@ -1,8 +1,9 @@
 //! IoT sensor gateway library. Data flows:
 //!
 //! ```text
-//! gateway::mqtt / gateway::simulated (fleet)      sources -> SourceEvent
-//!   -> gateway::intake (reading::parse)            Kafka record: canonical reading or dead letter
+//! gateway::mqtt / gateway::simulated (fleet)      sources -> SourceEvent (a batch: Received)
+//!   -> gateway::intake (reading::parse_ref)        Kafka record: canonical reading or dead letter,
+//!                                                  encoded into the wake-up's gateway::batch
 //!   -> gateway::spool (writer thread)              append + group fsync -> durable
 //!   -> gateway::acks                               PUBACK the contiguous durable prefix
 //! gateway::spool (reader) -> gateway::forwarder    idempotent producer, in order -> checkpoint
