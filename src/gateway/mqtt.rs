@@ -350,6 +350,10 @@ pub fn start(
 /// for a socket's worth of messages, not for each read of ten.
 const MAX_BATCH: usize = 256;
 
+/// Packets rumqttc handles per read of the socket when more are there (its
+/// `max_readb_count` of 10 counts the first one twice).
+const READB_COUNT: usize = 9;
+
 /// Polls `f` once. For the event loop's `poll`, which is cancel-safe (what it
 /// read stays queued in rumqttc, what it wrote stays in the write buffer):
 /// dropped when it would wait.
@@ -415,6 +419,8 @@ async fn event_loop(
     let mut size = (0, 0, 0);
     'poll: loop {
         let mut next = el.poll().await;
+        // Messages since the last read of the socket.
+        let mut read = 0;
         loop {
             match next {
                 Ok(Polled::Publish {
@@ -427,6 +433,7 @@ async fn event_loop(
                     let b = batch.get_or_insert_with(|| Received::reuse(&pool, now_ms(), size));
                     b.push(&topic, None, &payload, pkid);
                     size = b.size();
+                    read += 1;
                     if b.len() >= MAX_BATCH && !pass_on(&mut batch, &out, &stop).await {
                         break 'poll; // pipeline gone
                     }
@@ -508,9 +515,12 @@ async fn event_loop(
                 next = Ok(ev);
                 continue;
             }
-            if batch.as_ref().is_none_or(|b| b.len() >= MAX_BATCH) {
+            // rumqttc reads at most READB_COUNT packets at a time: fewer
+            // means the socket had no more, and asking again is a wasted read.
+            if read < READB_COUNT || batch.as_ref().is_none_or(|b| b.len() >= MAX_BATCH) {
                 break;
             }
+            read = 0;
             match now_or_never(el.poll()) {
                 Some(ev) => next = ev,
                 None => break,
