@@ -830,6 +830,20 @@ def summarize(runs, key):
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
+def cpu_times():
+    """The machine's CPU time so far by kind (/proc/stat), in ticks."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return {"user": v[0] + v[1], "system": v[2] + v[5] + v[6], "idle": v[3] + v[4], "steal": v[7] if len(v) > 7 else 0}
+
+
+def steal_pct(before, after):
+    """Share of the machine's CPU time the hypervisor gave to others (steal) between two cpu_times()."""
+    d = {k: after[k] - before[k] for k in before}
+    total = sum(d.values())
+    return round(100 * d["steal"] / total, 1) if total else None
+
+
 def machine():
     cpu = "unknown"
     try:
@@ -903,6 +917,7 @@ def main():
     results = {}
     failures = []
     skipped = {}
+    times0 = cpu_times()
     if not q and not a.only:
         # Warm-up, not measured: the JVM of a fresh Kafka is slower for its first
         # minute, which would penalise whichever case runs first.
@@ -929,7 +944,7 @@ def main():
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
         "quick": q,
-        "machine": machine(),
+        "machine": {**machine(), "steal_pct": steal_pct(times0, cpu_times())},
         "sizes": sizes,
         "cases": {name: {"runs": runs, **{k: summarize(runs, k) for k in
                                           ("rate", "cpu_us_per_reading", "peak_rss_mib", "p50_ms", "p99_ms", "p999_ms", "scrape_ms",
