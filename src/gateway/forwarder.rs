@@ -634,6 +634,7 @@ impl Forwarder {
         let positions = (through.is_some() && self.positions_changed)
             .then(|| self.positions.clone())
             .zip(dir.map(std::path::Path::to_path_buf));
+        let had_positions = positions.is_some();
         self.positions_changed &= positions.is_none();
         let spool = spool.clone();
         let stats = tokio::task::spawn_blocking(move || {
@@ -641,12 +642,19 @@ impl Forwarder {
             if let Some(t) = through {
                 s.checkpoint(t)?;
             }
-            if let Some((p, dir)) = positions {
-                if let Err(e) = p.save(&dir) {
-                    warn!(error = %e, "writing the Kafka positions failed (a crash would resend more)");
+            // Positions past the checkpoint (it waits for the spool's fsync)
+            // would skip records a crash resends; they wait a round instead.
+            let saved = match positions {
+                Some((p, dir)) if through.is_some_and(|t| s.acked() >= t) => {
+                    if let Err(e) = p.save(&dir) {
+                        warn!(error = %e, "writing the Kafka positions failed (a crash would resend more)");
+                    }
+                    true
                 }
-            }
-            Ok::<_, std::io::Error>((s.bytes(), s.segments(), s.next_offset() - s.acked()))
+                _ => false,
+            };
+            let stats = (s.bytes(), s.segments(), s.next_offset() - s.acked());
+            Ok::<_, std::io::Error>((stats, s.acked(), saved))
         })
         .await
         .map_err(|e| GatewayError::Spool(format!("checkpoint task: {e}")))?
@@ -654,8 +662,10 @@ impl Forwarder {
             error!(error = %e, "writing the spool checkpoint failed");
             GatewayError::Spool(format!("writing the spool checkpoint: {e}"))
         })?;
-        if let Some(t) = through {
-            self.checkpointed = t;
+        let (stats, acked, saved) = stats;
+        self.checkpointed = acked;
+        if had_positions && !saved {
+            self.positions_changed = true;
         }
         let (bytes, segments, records) = stats;
         let age = match oldest {

@@ -1,6 +1,8 @@
 //! The durable spool: an append-only log of Kafka records on local disk, between
 //! intake and Kafka. A reading is acknowledged to MQTT once its record is here
-//! and fsynced; the forwarder reads the log in order and produces to Kafka.
+//! and fsynced; the forwarder reads the log in order and produces to Kafka,
+//! from the moment a record is written (the fsync runs meanwhile, so it is not
+//! in a reading's way to Kafka).
 //!
 //! Layout of `dir`:
 //! - `<20-digit base offset>.seg`: a 32-byte header ([`format::segment_header`])
@@ -13,8 +15,9 @@
 //!   fsynced (a torn write spoils one slot; the other still holds an older,
 //!   lagging value; and a full disk cannot stop it). It may lag (records sent
 //!   again after a crash: duplicates) but never leads: it is written only for
-//!   records Kafka acknowledged, and segments are deleted only once a durable
-//!   checkpoint covers them.
+//!   records Kafka acknowledged, never past what is fsynced (Kafka may have a
+//!   record before the spool's fsync of it ends), and segments are deleted
+//!   only once a durable checkpoint covers them.
 //! - `quarantine/`: damaged segments moved aside (or copied before repair).
 //!
 //! Recovery on open never refuses to start: every segment is scanned; a bad
@@ -90,10 +93,11 @@ pub struct Appended {
 /// State the writer shares with the reader.
 #[derive(Debug)]
 pub struct Shared {
-    /// Every offset below this is written (and fsynced, as configured).
-    pub durable: AtomicU64,
+    /// Every offset below this is written (to the page cache; the fsync may
+    /// still be running): the reader may forward it.
+    pub written: AtomicU64,
     pos: Mutex<ReadPos>,
-    /// Woken when `durable` advances.
+    /// Woken when `written` advances.
     pub notify: tokio::sync::Notify,
 }
 
@@ -129,6 +133,9 @@ pub struct Spool {
     segments: VecDeque<Segment>,
     active: File,
     next: u64,
+    /// Every offset below this is fsynced (or, with `fsync = "never"`, taken
+    /// as written back): the checkpoint never passes it.
+    synced: u64,
     acked: u64,
     checkpoint: Checkpoint,
     total_bytes: u64,
@@ -282,7 +289,7 @@ impl Spool {
         }
         rec.recent = recent.into_iter().collect();
         let shared = Arc::new(Shared {
-            durable: AtomicU64::new(next),
+            written: AtomicU64::new(next),
             pos: Mutex::new(ReadPos {
                 next: start,
                 floor: start,
@@ -295,6 +302,7 @@ impl Spool {
             segments,
             active,
             next,
+            synced: next,
             acked: ck,
             checkpoint,
             total_bytes,
@@ -390,18 +398,29 @@ impl Spool {
 
     /// fsyncs what was appended.
     pub fn sync(&mut self) -> io::Result<()> {
-        self.active.sync_data()
+        self.active.sync_data()?;
+        self.synced = self.next;
+        Ok(())
     }
 
-    /// Lets the reader forward everything appended so far.
+    /// With `fsync = "never"`: what was appended counts as synced (the OS
+    /// writes it back when it likes; the policy accepts that loss).
+    pub fn assume_synced(&mut self) {
+        self.synced = self.next;
+    }
+
+    /// Lets the reader forward everything appended so far (fsynced or not).
     pub fn publish(&self) {
-        self.shared.durable.store(self.next, Ordering::Release);
+        self.shared.written.store(self.next, Ordering::Release);
         self.shared.notify.notify_one();
     }
 
-    /// Records every offset below `acked` as in Kafka, then deletes the
-    /// segments that holds entirely (never the active one).
+    /// Records every offset below `acked` as in Kafka, as far as it is
+    /// fsynced, then deletes the segments that holds entirely (never the
+    /// active one). A checkpoint past the fsynced end could, after a power
+    /// cut, point past the data: recovery would then send everything again.
     pub fn checkpoint(&mut self, acked: u64) -> io::Result<()> {
+        let acked = acked.min(self.synced);
         if acked <= self.acked {
             return Ok(());
         }
@@ -447,6 +466,7 @@ impl Spool {
 
     fn rotate(&mut self) -> io::Result<()> {
         self.active.sync_data()?;
+        self.synced = self.next;
         let (file, seg) = create_segment(&self.opts.dir, self.next)?;
         self.total_bytes += seg.bytes;
         self.active = file;

@@ -1,5 +1,5 @@
 //! Reads the spool in offset order for the forwarder: only what the writer has
-//! published as durable, from its own file handles (page cache when it keeps up).
+//! published as written, from its own file handles (page cache when it keeps up).
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
@@ -47,20 +47,20 @@ impl SpoolReader {
         self.open = None;
     }
 
-    /// Appends up to `max` durable records to `out`, in offset order.
+    /// Appends up to `max` written records to `out`, in offset order.
     #[cfg(test)]
     pub fn read(&mut self, max: usize, out: &mut Vec<super::Record>) -> io::Result<usize> {
         self.read_with(max, |r| out.push(r.to_owned()))
     }
 
-    /// Passes up to `max` durable records to `f`, in offset order, each
+    /// Passes up to `max` written records to `f`, in offset order, each
     /// borrowed from the read buffer.
     pub fn read_with(&mut self, max: usize, mut f: impl FnMut(RecordRef<'_>)) -> io::Result<usize> {
-        let durable = self.shared.durable.load(Ordering::Acquire);
+        let written = self.shared.written.load(Ordering::Acquire);
         let shared = self.shared.clone();
         let mut pos = shared.pos();
         let mut n = 0;
-        while n < max && pos.next < durable {
+        while n < max && pos.next < written {
             if pos.next < pos.floor {
                 pos.next = pos.floor;
                 continue;
@@ -94,8 +94,8 @@ impl SpoolReader {
                 }
             }
         }
-        if pos.next >= durable {
-            // Caught up: forget read-ahead past the durable end (a write undone
+        if pos.next >= written {
+            // Caught up: forget read-ahead past the written end (a write undone
             // after a full disk may be rewritten there).
             if let Some(o) = &mut self.open {
                 #[allow(clippy::seek_from_current)] // a real seek empties the buffer

@@ -1,7 +1,8 @@
 //! The spool writer: one OS thread that owns appends (blocking file I/O stays
 //! off the async runtime). Group commit: it takes everything queued, writes it,
-//! fsyncs once, then tells the pipeline which readings are durable (their
-//! PUBACKs may go out). While an fsync runs, the next group queues up.
+//! lets the forwarder read it, fsyncs once, then tells the pipeline which
+//! readings are durable (their PUBACKs may go out). While an fsync runs, the
+//! forwarder already sends the group to Kafka and the next group queues up.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -134,7 +135,16 @@ fn run(
         }
         if records > 0 {
             loop {
-                let appended = lock(&spool).append_encoded(&mut group, records);
+                let appended = {
+                    let mut s = lock(&spool);
+                    let a = s.append_encoded(&mut group, records);
+                    if a.as_ref().is_ok_and(|a| !a.full) {
+                        // Forwarded before the fsync: the checkpoint still
+                        // waits for it (Spool::checkpoint), and so do the acks.
+                        s.publish();
+                    }
+                    a
+                };
                 match appended {
                     Ok(a) => {
                         metrics.spool_dropped_full(a.dropped_records, a.dropped_bytes);
@@ -173,8 +183,8 @@ fn run(
                 SyncPolicy::Interval(d) => last_sync.elapsed() >= d,
                 SyncPolicy::Never => false,
             };
-        let mut s = lock(&spool);
         if sync_now {
+            let mut s = lock(&spool);
             let t = Instant::now();
             if let Err(e) = s.sync() {
                 let _ = events.send(AckEvent::Fatal(format!("spool fsync failed: {e}")));
@@ -183,19 +193,18 @@ fn run(
             metrics.spool_fsync(t.elapsed());
             last_sync = Instant::now();
             dirty = false;
+        } else if dirty && policy == SyncPolicy::Never {
+            lock(&spool).assume_synced();
         }
-        if !acks.is_empty() {
-            s.publish();
-            drop(s);
-            if events
+        if !acks.is_empty()
+            && events
                 .send(AckEvent::Ready(std::mem::replace(
                     &mut acks,
                     ids.take().unwrap_or_default(),
                 )))
                 .is_err()
-            {
-                break;
-            }
+        {
+            break;
         }
     }
     if dirty {
