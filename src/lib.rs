@@ -4,9 +4,10 @@
 //! gateway::mqtt / gateway::simulated (fleet)      sources -> SourceEvent (a batch: Received)
 //!   -> gateway::intake (reading::parse_ref)        Kafka record: canonical reading or dead letter,
 //!                                                  encoded into the wake-up's gateway::batch
-//!   -> gateway::spool (writer thread)              append + group fsync -> durable
+//!   -> gateway::spool (writer, syncer threads)     append; group fsync -> durable
 //!   -> gateway::acks                               PUBACK the contiguous durable prefix
-//! gateway::spool (reader) -> gateway::forwarder    idempotent producer, in order -> checkpoint
+//! gateway::spool (reader) -> gateway::forwarder    from the append: idempotent producer, in order
+//!                                                  -> checkpoint (never past the fsynced end)
 //! ```
 //!
 //! - [`reading`]: validation and the canonical record (pure).

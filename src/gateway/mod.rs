@@ -3,8 +3,9 @@
 //! A reading passes each part once:
 //! - [`mqtt`] / [`simulated`]: sources, sending [`SourceEvent`]s.
 //! - [`intake`] (pure): the Kafka record it becomes (reading or dead letter).
-//! - [`spool`]: durable log; its writer thread confirms readings after the
-//!   group fsync. (With `spool.enabled = false` records go straight on.)
+//! - [`spool`]: durable log; its writer thread appends (the forwarder reads
+//!   from there) and its syncer thread confirms readings after the group
+//!   fsync. (With `spool.enabled = false` records go straight on.)
 //! - [`forwarder`]: the only Kafka producer user; settles records when Kafka
 //!   acknowledged them and checkpoints the spool.
 //! - [`acks`]: PUBACKs in arrival order for the settled prefix.
@@ -355,7 +356,7 @@ pub async fn run_with_reload(
                 metrics.clone(),
                 (pool.clone(), ids.clone()),
             )
-            .map_err(|e| GatewayError::Spool(format!("starting the writer thread: {e}")))?;
+            .map_err(|e| GatewayError::Spool(format!("starting the writer threads: {e}")))?;
             let feed = Feed::Spool {
                 reader: o.reader,
                 spool: o.spool,

@@ -96,6 +96,9 @@ pub struct Shared {
     /// Every offset below this is written (to the page cache; the fsync may
     /// still be running): the reader may forward it.
     pub written: AtomicU64,
+    /// Every offset below this is fsynced (or, with `fsync = "never"`, taken
+    /// as written back): the checkpoint never passes it.
+    synced: AtomicU64,
     pos: Mutex<ReadPos>,
     /// Woken when `written` advances.
     pub notify: tokio::sync::Notify,
@@ -110,6 +113,11 @@ struct ReadPos {
 }
 
 impl Shared {
+    /// Every offset below `through` is fsynced.
+    pub fn mark_synced(&self, through: u64) {
+        self.synced.fetch_max(through, Ordering::AcqRel);
+    }
+
     fn pos(&self) -> MutexGuard<'_, ReadPos> {
         // A panic elsewhere cannot leave ReadPos half-updated (two plain fields).
         self.pos.lock().unwrap_or_else(|p| p.into_inner())
@@ -133,9 +141,6 @@ pub struct Spool {
     segments: VecDeque<Segment>,
     active: File,
     next: u64,
-    /// Every offset below this is fsynced (or, with `fsync = "never"`, taken
-    /// as written back): the checkpoint never passes it.
-    synced: u64,
     acked: u64,
     checkpoint: Checkpoint,
     total_bytes: u64,
@@ -290,6 +295,7 @@ impl Spool {
         rec.recent = recent.into_iter().collect();
         let shared = Arc::new(Shared {
             written: AtomicU64::new(next),
+            synced: AtomicU64::new(next),
             pos: Mutex::new(ReadPos {
                 next: start,
                 floor: start,
@@ -302,7 +308,6 @@ impl Spool {
             segments,
             active,
             next,
-            synced: next,
             acked: ck,
             checkpoint,
             total_bytes,
@@ -399,14 +404,18 @@ impl Spool {
     /// fsyncs what was appended.
     pub fn sync(&mut self) -> io::Result<()> {
         self.active.sync_data()?;
-        self.synced = self.next;
+        self.shared.mark_synced(self.next);
         Ok(())
     }
 
-    /// With `fsync = "never"`: what was appended counts as synced (the OS
-    /// writes it back when it likes; the policy accepts that loss).
-    pub fn assume_synced(&mut self) {
-        self.synced = self.next;
+    /// The first offset of the segment appended to.
+    pub fn active_base(&self) -> u64 {
+        self.segments.back().map(|s| s.base).unwrap_or(self.next)
+    }
+
+    /// A handle of the segment appended to, for an fsync on another thread.
+    pub fn active_file(&self) -> io::Result<File> {
+        self.active.try_clone()
     }
 
     /// Lets the reader forward everything appended so far (fsynced or not).
@@ -420,7 +429,7 @@ impl Spool {
     /// active one). A checkpoint past the fsynced end could, after a power
     /// cut, point past the data: recovery would then send everything again.
     pub fn checkpoint(&mut self, acked: u64) -> io::Result<()> {
-        let acked = acked.min(self.synced);
+        let acked = acked.min(self.shared.synced.load(Ordering::Acquire));
         if acked <= self.acked {
             return Ok(());
         }
@@ -466,7 +475,7 @@ impl Spool {
 
     fn rotate(&mut self) -> io::Result<()> {
         self.active.sync_data()?;
-        self.synced = self.next;
+        self.shared.mark_synced(self.next);
         let (file, seg) = create_segment(&self.opts.dir, self.next)?;
         self.total_bytes += seg.bytes;
         self.active = file;

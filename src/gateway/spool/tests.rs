@@ -509,7 +509,7 @@ fn checkpoint_waits_for_the_fsync_of_what_kafka_has() {
     // With fsync = "never", what is written counts.
     let mut recs: Vec<Record> = (8..10).map(reading).collect();
     s.append(&mut recs).unwrap();
-    s.assume_synced();
+    s.shared().mark_synced(s.next_offset());
     s.checkpoint(10).unwrap();
     assert_eq!(s.acked(), 10);
     drop((s, r));

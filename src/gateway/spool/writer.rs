@@ -1,9 +1,11 @@
-//! The spool writer: one OS thread that owns appends (blocking file I/O stays
-//! off the async runtime). Group commit: it takes everything queued, writes it,
-//! lets the forwarder read it, fsyncs once, then tells the pipeline which
-//! readings are durable (their PUBACKs may go out). While an fsync runs, the
-//! forwarder already sends the group to Kafka and the next group queues up.
+//! The spool writer: two OS threads, so blocking file I/O stays off the async
+//! runtime and a slow fsync holds back only PUBACKs. The writer takes
+//! everything queued, appends it and lets the forwarder read it at once; the
+//! syncer fsyncs what was appended (one fdatasync for all that was appended
+//! meanwhile: group commit), then tells the pipeline which readings are
+//! durable (their PUBACKs may go out), in order.
 
+use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::Spool;
+use super::{Shared, Spool};
 use crate::gateway::acks::{AckEvent, AckId};
 use crate::gateway::batch::{Batch, BufPool, IdPool};
 use crate::gateway::metrics::GatewayMetrics;
@@ -38,18 +40,29 @@ impl SyncPolicy {
     }
 }
 
-/// Handle to the writer thread.
+/// Handle to the writer and syncer threads.
 #[derive(Debug)]
 pub struct Writer {
     /// The pipeline's batches: their records are written, their acks
     /// (readings with a record or without) confirmed in order once durable.
     pub tx: Sender<Batch>,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// Most records written per fsync group.
+/// Most records written per append.
 const MAX_GROUP: usize = 8192;
+
+/// What the writer hands the syncer after each append, in order.
+struct Written {
+    /// Every offset below this is appended (None: nothing was appended).
+    through: Option<u64>,
+    /// The readings of the append (and any without a record), in order.
+    acks: Vec<AckId>,
+    /// The active segment, when it changed: what the syncer fsyncs from now
+    /// on (the segment before it was fsynced when it was sealed).
+    file: Option<File>,
+}
 
 impl Writer {
     pub fn start(
@@ -60,25 +73,33 @@ impl Writer {
         pools: (BufPool, IdPool),
     ) -> std::io::Result<Writer> {
         let (tx, rx) = std::sync::mpsc::channel();
+        let (sync_tx, sync_rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
+        let shared = lock(&spool).shared().clone();
+        let (ev, m, ids) = (events.clone(), metrics.clone(), pools.1.clone());
+        let syncer = std::thread::Builder::new()
+            .name("spool-sync".into())
+            .spawn(move || sync_loop(sync_rx, policy, &shared, &ev, &m, &ids))?;
         let s = stop.clone();
-        let thread = std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || run(spool, rx, policy, events, metrics, s, pools))?;
+            .spawn(move || write_loop(spool, rx, sync_tx, events, metrics, s, pools))?;
         Ok(Writer {
             tx,
             stop,
-            thread: Some(thread),
+            threads: vec![writer, syncer],
         })
     }
 
-    /// Stops after what is queued (a blocked writer gives up at once: those
-    /// readings were not acknowledged, so the broker still has them).
+    /// Stops after what is queued is written and fsynced (a blocked writer
+    /// gives up at once: those readings were not acknowledged, so the broker
+    /// still has them).
     pub fn finish(mut self) {
         self.stop.store(true, Ordering::Release);
         let (tx, _) = std::sync::mpsc::channel();
         drop(std::mem::replace(&mut self.tx, tx));
-        if let Some(t) = self.thread.take() {
+        // The writer first: when it ends, the syncer has all there is.
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -100,10 +121,10 @@ fn take(b: Batch, group: &mut Vec<u8>, records: &mut usize, acks: &mut Vec<AckId
     acks.extend(b.acks);
 }
 
-fn run(
+fn write_loop(
     spool: Arc<Mutex<Spool>>,
     rx: Receiver<Batch>,
-    policy: SyncPolicy,
+    syncer: Sender<Written>,
     events: UnboundedSender<AckEvent>,
     metrics: GatewayMetrics,
     stop: Arc<AtomicBool>,
@@ -114,25 +135,22 @@ fn run(
     let mut group: Vec<u8> = Vec::new();
     let mut records = 0usize;
     let mut acks: Vec<AckId> = Vec::new();
-    let mut last_sync = Instant::now();
-    let mut dirty = false;
     let mut full = false;
-    let tick = match policy {
-        SyncPolicy::Interval(d) => d,
-        _ => Duration::from_secs(3600),
-    };
-    loop {
-        match rx.recv_timeout(tick) {
-            Ok(first) => take(first, &mut group, &mut records, &mut acks, &pool),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
-        }
+    // The segment the syncer has a handle of.
+    let mut synced_segment: Option<u64> = None;
+    while let Ok(first) = rx.recv() {
+        take(first, &mut group, &mut records, &mut acks, &pool);
         while records < MAX_GROUP {
             match rx.try_recv() {
                 Ok(more) => take(more, &mut group, &mut records, &mut acks, &pool),
                 Err(_) => break,
             }
         }
+        let mut written = Written {
+            through: None,
+            acks: Vec::new(),
+            file: None,
+        };
         if records > 0 {
             loop {
                 let appended = {
@@ -142,6 +160,19 @@ fn run(
                         // Forwarded before the fsync: the checkpoint still
                         // waits for it (Spool::checkpoint), and so do the acks.
                         s.publish();
+                        written.through = Some(s.next_offset());
+                        if synced_segment != Some(s.active_base()) {
+                            match s.active_file() {
+                                Ok(f) => written.file = Some(f),
+                                Err(e) => {
+                                    let _ = events.send(AckEvent::Fatal(format!(
+                                        "spool: a handle of the active segment for fsync: {e}"
+                                    )));
+                                    return;
+                                }
+                            }
+                            synced_segment = Some(s.active_base());
+                        }
                     }
                     a
                 };
@@ -173,28 +204,83 @@ fn run(
                 let _ = events.send(AckEvent::SpoolFull(false));
             }
             metrics.spool_appended(records);
-            dirty = true;
             group.clear();
             records = 0;
         }
+        written.acks = std::mem::replace(&mut acks, ids.take().unwrap_or_default());
+        if syncer.send(written).is_err() {
+            // The syncer failed (and said so): nothing more is confirmed.
+            return;
+        }
+    }
+}
+
+/// fsyncs what the writer appended and confirms its readings in order: with
+/// `fsync = "batch"` after the fsync, otherwise at once (with `"interval"`
+/// fsyncing at most that long after; with `"never"`, only when stopping).
+fn sync_loop(
+    rx: Receiver<Written>,
+    policy: SyncPolicy,
+    shared: &Shared,
+    events: &UnboundedSender<AckEvent>,
+    metrics: &GatewayMetrics,
+    ids: &IdPool,
+) {
+    let mut file: Option<File> = None;
+    // Appended through / fsynced through.
+    let (mut written, mut synced) = (0u64, 0u64);
+    let mut acks: Vec<AckId> = Vec::new();
+    let mut last_sync = Instant::now();
+    let tick = match policy {
+        SyncPolicy::Interval(d) => d,
+        _ => Duration::from_secs(3600),
+    };
+    let mut open = true;
+    let add = |w: Written, acks: &mut Vec<AckId>, file: &mut Option<File>, written: &mut u64| {
+        if let Some(f) = w.file {
+            *file = Some(f);
+        }
+        if let Some(t) = w.through {
+            *written = (*written).max(t);
+        }
+        if acks.is_empty() {
+            ids.give_ids(std::mem::replace(acks, w.acks));
+        } else {
+            acks.extend_from_slice(&w.acks);
+            ids.give_ids(w.acks);
+        }
+    };
+    while open {
+        match rx.recv_timeout(tick) {
+            Ok(w) => add(w, &mut acks, &mut file, &mut written),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => open = false,
+        }
+        while let Ok(w) = rx.try_recv() {
+            add(w, &mut acks, &mut file, &mut written);
+        }
+        let dirty = written > synced;
         let sync_now = dirty
-            && match policy {
-                SyncPolicy::Batch => true,
-                SyncPolicy::Interval(d) => last_sync.elapsed() >= d,
-                SyncPolicy::Never => false,
-            };
+            && (!open
+                || match policy {
+                    SyncPolicy::Batch => true,
+                    SyncPolicy::Interval(d) => last_sync.elapsed() >= d,
+                    SyncPolicy::Never => false,
+                });
         if sync_now {
-            let mut s = lock(&spool);
-            let t = Instant::now();
-            if let Err(e) = s.sync() {
-                let _ = events.send(AckEvent::Fatal(format!("spool fsync failed: {e}")));
-                return;
+            if let Some(f) = &file {
+                let t = Instant::now();
+                if let Err(e) = f.sync_data() {
+                    let _ = events.send(AckEvent::Fatal(format!("spool fsync failed: {e}")));
+                    return;
+                }
+                metrics.spool_fsync(t.elapsed());
             }
-            metrics.spool_fsync(t.elapsed());
             last_sync = Instant::now();
-            dirty = false;
-        } else if dirty && policy == SyncPolicy::Never {
-            lock(&spool).assume_synced();
+        }
+        if sync_now || (dirty && policy == SyncPolicy::Never) {
+            synced = written;
+            shared.mark_synced(synced);
         }
         if !acks.is_empty()
             && events
@@ -204,10 +290,7 @@ fn run(
                 )))
                 .is_err()
         {
-            break;
+            return;
         }
-    }
-    if dirty {
-        let _ = lock(&spool).sync();
     }
 }
