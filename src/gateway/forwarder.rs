@@ -634,8 +634,6 @@ impl Forwarder {
         let positions = (through.is_some() && self.positions_changed)
             .then(|| self.positions.clone())
             .zip(dir.map(std::path::Path::to_path_buf));
-        let had_positions = positions.is_some();
-        self.positions_changed &= positions.is_none();
         let spool = spool.clone();
         let stats = tokio::task::spawn_blocking(move || {
             let mut s = lock(&spool);
@@ -664,9 +662,7 @@ impl Forwarder {
         })?;
         let (stats, acked, saved) = stats;
         self.checkpointed = acked;
-        if had_positions && !saved {
-            self.positions_changed = true;
-        }
+        self.positions_changed &= !saved;
         let (bytes, segments, records) = stats;
         let age = match oldest {
             Some(ms) => (now - ms).max(0) as f64 / 1000.0,

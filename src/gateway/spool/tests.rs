@@ -529,3 +529,89 @@ fn recovery_returns_recent_readings_for_duplicate_detection() {
     assert_eq!(rec.recent.len(), 3);
     assert_eq!(rec.recent[2], (b"dev-2".to_vec(), 2, 1_700_000_000_002));
 }
+
+/// The writer and syncer threads, per fsync policy: readings are confirmed in
+/// arrival order (with `batch` only once fsynced: the checkpoint may then
+/// cover them), and `finish` fsyncs what is left, so the checkpoint reaches
+/// the end.
+#[test]
+fn writer_confirms_in_order_and_marks_what_is_synced_per_policy() {
+    use super::writer::{SyncPolicy, Writer};
+    use crate::gateway::acks::AckEvent;
+    use crate::gateway::batch::{Batch, BufPool, IdPool};
+    use std::time::Duration;
+    for policy in [
+        SyncPolicy::Batch,
+        SyncPolicy::Interval(Duration::from_secs(3600)),
+        SyncPolicy::Never,
+    ] {
+        let d = TempDir::new("writer");
+        let (s, mut r, _) = Spool::open(opts(&d.0, 4096, u64::MAX, OnFull::Block)).unwrap();
+        let shared = s.shared().clone();
+        let spool = std::sync::Arc::new(std::sync::Mutex::new(s));
+        let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let w = Writer::start(
+            spool.clone(),
+            policy,
+            tx,
+            crate::gateway::metrics::GatewayMetrics::new(),
+            (BufPool::default(), IdPool::default()),
+        )
+        .unwrap();
+        // 40 batches of 5 readings (segments of 4 KiB: several rotations),
+        // every 4th batch with one more reading that has no record.
+        let mut next_ack = 0u64;
+        let mut n = 0u64;
+        // Per ack id: the offset after its record (spool offsets start at 0).
+        let mut record_end: Vec<Option<u64>> = Vec::new();
+        for i in 0..40 {
+            let mut b = Batch::default();
+            for _ in 0..5 {
+                b.push(&reading(n), 0);
+                b.acks.push(next_ack);
+                n += 1;
+                record_end.push(Some(n));
+                next_ack += 1;
+            }
+            if i % 4 == 0 {
+                b.acks.push(next_ack);
+                record_end.push(None);
+                next_ack += 1;
+            }
+            w.tx.send(b).unwrap();
+        }
+        let mut confirmed = Vec::new();
+        while (confirmed.len() as u64) < next_ack {
+            match events.blocking_recv() {
+                Some(AckEvent::Ready(ids)) => {
+                    confirmed.extend(ids);
+                    if policy == SyncPolicy::Batch {
+                        // Confirmed means fsynced (what the checkpoint may cover).
+                        let last = confirmed
+                            .iter()
+                            .filter_map(|&a| record_end[a as usize])
+                            .max();
+                        assert!(
+                            shared.synced.load(std::sync::atomic::Ordering::Acquire)
+                                >= last.unwrap_or(0),
+                            "{policy:?}: confirmed before the fsync"
+                        );
+                    }
+                }
+                other => panic!("{policy:?}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            confirmed,
+            (0..next_ack).collect::<Vec<_>>(),
+            "{policy:?}: order"
+        );
+        let mut got = Vec::new();
+        r.read(1000, &mut got).unwrap();
+        assert_eq!(got.len() as u64, n, "{policy:?}: every record readable");
+        w.finish();
+        let mut s = spool.lock().unwrap();
+        s.checkpoint(n).unwrap();
+        assert_eq!(s.acked(), n, "{policy:?}: finish fsyncs what is left");
+    }
+}
