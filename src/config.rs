@@ -121,9 +121,29 @@ pub struct MqttUrl {
     pub tls: bool,
 }
 
+/// `url` with any user info (`user:password@`) replaced by `***@`, for
+/// messages and the printed config: a password in a URL is never shown.
+pub fn redact_url(url: &str) -> std::borrow::Cow<'_, str> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let authority_end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    match url[start..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]).into(),
+        None => url.into(),
+    }
+}
+
 /// Parses `mqtt://host:port` (or `tcp://`, port 1883 by default) and
-/// `mqtts://host:port` (or `ssl://`, port 8883 by default).
-pub fn parse_mqtt_url(url: &str) -> Result<MqttUrl, String> {
+/// `mqtts://host:port` (or `ssl://`, port 8883 by default). User info in the
+/// URL is refused (it would be logged with the URL): the credentials go in
+/// `mqtt.username` and `mqtt.password` / `mqtt.password_file`.
+pub fn parse_mqtt_url(raw: &str) -> Result<MqttUrl, String> {
+    let shown = redact_url(raw);
+    let url: &str = &shown;
+    if url != raw {
+        return Err(format!(
+            "{url:?} has user info: set mqtt.username and mqtt.password (or mqtt.password_file) instead of putting them in the URL"
+        ));
+    }
     let (rest, tls) = if let Some(r) = url.strip_prefix("mqtt://") {
         (r, false)
     } else if let Some(r) = url.strip_prefix("tcp://") {
@@ -666,6 +686,51 @@ impl GatewayConfig {
                 return bad("spool.fsync_interval_ms", "must be at least 1");
             }
         }
+        let m = &self.mqtt;
+        at_most(
+            origin,
+            &[
+                (
+                    "mqtt.keep_alive_secs",
+                    m.keep_alive_secs,
+                    u64::from(u16::MAX),
+                ),
+                // MQTT's own limit on a packet.
+                (
+                    "mqtt.max_packet_bytes",
+                    m.max_packet_bytes as u64,
+                    268_435_455,
+                ),
+                ("mqtt.reconnect_max_ms", m.reconnect_max_ms, 3_600_000),
+                ("simulate.devices", self.simulate.devices as u64, 10_000_000),
+                (
+                    "tracking.max_devices",
+                    self.tracking.max_devices as u64,
+                    10_000_000,
+                ),
+                (
+                    "kafka.dlq_max_payload_bytes",
+                    k.dlq_max_payload_bytes as u64,
+                    MAX_DLQ_PAYLOAD_BYTES,
+                ),
+                ("kafka.max_in_flight", k.max_in_flight as u64, 1_000_000),
+                ("kafka.partitions", k.partitions as u64, 100_000),
+                ("kafka.replication_factor", k.replication_factor as u64, 100),
+                ("kafka.linger_ms", k.linger_ms, 60_000),
+                ("kafka.message_timeout_ms", k.message_timeout_ms, 86_400_000),
+                // Recovery reads a segment whole.
+                ("spool.segment_bytes", sp.segment_bytes, 1 << 30),
+                ("spool.fsync_interval_ms", sp.fsync_interval_ms, 60_000),
+                (
+                    "shutdown.grace_period_ms",
+                    self.shutdown.grace_period_ms,
+                    600_000,
+                ),
+            ],
+        )?;
+        if self.simulate.devices > 0 && self.simulate.rate_per_device > 100_000.0 {
+            return bad("simulate.rate_per_device", "must be at most 100000");
+        }
         validate_common(origin, &self.validation, &self.http.listen)
     }
 
@@ -705,10 +770,30 @@ impl GatewayConfig {
     /// The effective config as TOML, with secrets masked.
     pub fn to_masked_toml(&self) -> String {
         let mut c = self.clone();
+        c.mqtt.url = redact_url(&c.mqtt.url).into_owned();
         mask_properties(&mut c.kafka.properties);
         toml_string(&c)
     }
 }
+
+/// Upper bounds checked at load: `(key, value, max)`. They keep each value in
+/// what the code, the memory budget and the peers (MQTT, Kafka) can hold; the
+/// README lists them.
+fn at_most(origin: &Path, checks: &[(&str, u64, u64)]) -> Result<(), ConfigError> {
+    match checks.iter().find(|(_, v, max)| v > max) {
+        Some((key, v, max)) => Err(invalid(
+            origin,
+            key,
+            format!("{v} is above the maximum of {max}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Largest dead-letter payload kept: with its headers it stays under Kafka's
+/// default `message.max.bytes` (1,048,588) and far under the spool's 16 MiB
+/// record cap (over which a rejected payload would be a fatal write error).
+pub const MAX_DLQ_PAYLOAD_BYTES: u64 = 1_000_000;
 
 /// Checks shared by both services: validation limits and the HTTP address.
 fn validate_common(origin: &Path, v: &Limits, listen: &str) -> Result<(), ConfigError> {
@@ -734,6 +819,23 @@ fn validate_common(origin: &Path, v: &Limits, listen: &str) -> Result<(), Config
             "must be positive",
         ));
     }
+    const CENTURY_SECS: u64 = 100 * 366 * 24 * 3600;
+    at_most(
+        origin,
+        &[
+            (
+                "validation.max_payload_bytes",
+                v.max_payload_bytes as u64,
+                1 << 20,
+            ),
+            (
+                "validation.max_future_secs",
+                v.max_future_secs,
+                CENTURY_SECS,
+            ),
+            ("validation.max_past_secs", v.max_past_secs, CENTURY_SECS),
+        ],
+    )?;
     listen
         .parse::<std::net::SocketAddr>()
         .map_err(|e| invalid(origin, "http.listen", format!("{listen:?}: {e}")))?;
@@ -992,6 +1094,36 @@ impl AggregatorConfig {
         if a.offline_after_secs == 0 {
             return bad("aggregation.offline_after_secs", "must be at least 1");
         }
+        const YEAR_SECS: u64 = 366 * 24 * 3600;
+        at_most(
+            origin,
+            &[
+                // Window arithmetic is in ms of i64: a week keeps it far from overflow.
+                ("aggregation.window_secs", a.window_secs, 7 * 24 * 3600),
+                (
+                    "aggregation.allowed_lateness_secs",
+                    a.allowed_lateness_secs,
+                    7 * 24 * 3600,
+                ),
+                ("aggregation.windows_kept", a.windows_kept as u64, 10_000),
+                (
+                    "aggregation.offline_after_secs",
+                    a.offline_after_secs,
+                    YEAR_SECS,
+                ),
+                (
+                    "aggregation.seq_replay_window",
+                    a.seq_replay_window,
+                    1 << 40,
+                ),
+                ("aggregation.max_devices", a.max_devices as u64, 10_000_000),
+                (
+                    "metrics.max_devices",
+                    self.metrics.max_devices as u64,
+                    1_000_000,
+                ),
+            ],
+        )?;
         validate_common(origin, &self.validation, &self.http.listen)
     }
 
@@ -1236,5 +1368,28 @@ mod tests {
         assert!(parse_mqtt_url("mqtt://h:x").is_err());
         assert!(parse_mqtt_url("h:1883").is_err());
         assert!(parse_mqtt_url("https://h").is_err());
+    }
+
+    /// Issue 23: `mqtt://u:hunter2@host` printed `hunter2` in check-config and
+    /// the logs. It is refused, and never shown, with or without a port.
+    #[test]
+    fn user_info_in_the_mqtt_url_is_refused_and_never_shown() {
+        for url in [
+            "mqtt://u:hunter2@127.0.0.1:1883",
+            "mqtt://u:hunter2@127.0.0.1",
+            "mqtts://hunter2@broker/",
+            "tcp://u:p@ss:hunter2@h:1",
+        ] {
+            let e = parse_mqtt_url(url).unwrap_err();
+            assert!(!e.contains("hunter2"), "{e}");
+            assert!(e.contains("mqtt.username"), "{e}");
+            assert!(!redact_url(url).contains("hunter2"), "{url}");
+        }
+        assert_eq!(redact_url("mqtt://h:1/a@b"), "mqtt://h:1/a@b");
+        let mut c = GatewayConfig::default();
+        c.mqtt.url = "mqtt://u:hunter2@127.0.0.1:1883".into();
+        let e = c.validate(Path::new("gw.toml")).unwrap_err().to_string();
+        assert!(e.contains("mqtt.url") && !e.contains("hunter2"), "{e}");
+        assert!(!c.to_masked_toml().contains("hunter2"));
     }
 }

@@ -13,6 +13,7 @@
 //! - [`reading`]: validation and the canonical record (pure).
 //! - [`fleet`]: the sensor fleet generator, shared with the `simulator` binary.
 //! - [`config`]: typed config, file + environment, validated without I/O.
+//! - [`guard`]: a panic on one message becomes that message's error, not an outage.
 //! - [`telemetry`], [`http`]: logs, metrics encoding, the `/metrics` `/healthz` `/readyz` server.
 
 /// `--version` of every binary: version, git commit and target triple.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod devices;
 pub mod fleet;
 pub mod gateway;
+pub mod guard;
 pub mod http;
 pub mod reading;
 pub mod security;

@@ -102,11 +102,15 @@ pub enum Rejection {
         behind_secs: i64,
         limit_secs: u64,
     },
+    /// Validating the payload panicked (a bug of ours, not of the device): the
+    /// message is dead-lettered with the panic message so nothing else stops.
+    #[error("internal error while validating: {0}")]
+    Internal(String),
 }
 
 impl Rejection {
     /// Every code [`Rejection::code`] can return, for pre-registering metrics.
-    pub const CODES: [&'static str; 13] = [
+    pub const CODES: [&'static str; 14] = [
         "payload_too_large",
         "invalid_utf8",
         "malformed_json",
@@ -120,6 +124,7 @@ impl Rejection {
         "no_device_id",
         "ts_in_future",
         "ts_too_old",
+        "internal_error",
     ];
 
     /// Short fixed code, used as a metric label value and DLQ `reason` header.
@@ -138,6 +143,7 @@ impl Rejection {
             Rejection::NoDeviceId => "no_device_id",
             Rejection::TimestampInFuture { .. } => "ts_in_future",
             Rejection::TimestampTooOld { .. } => "ts_too_old",
+            Rejection::Internal(_) => "internal_error",
         }
     }
 }
@@ -673,7 +679,10 @@ fn quote_non_finite_tokens(text: &str) -> Option<String> {
             }
         } else if b == b'"' {
             in_string = true;
-        } else if let Some(tok) = TOKENS.iter().find(|t| text[i..].starts_with(**t)) {
+        } else if let Some(tok) = TOKENS.iter().find(|t| bytes[i..].starts_with(t.as_bytes())) {
+            // On bytes: `i` may be inside a multi-byte character here ("21°C"),
+            // where slicing the `str` would panic. A token starts with an ASCII
+            // byte, so `i` is a char boundary whenever one matches.
             out.push_str(&text[copied..i]);
             out.push('"');
             out.push_str(tok);
@@ -1006,6 +1015,32 @@ mod tests {
         assert_eq!(
             code(br#"{"note":"NaN", "x": Nope}"#, Some("d")),
             "malformed_json"
+        );
+    }
+
+    /// Regression (issue 23): non-ASCII outside a JSON string made
+    /// `quote_non_finite_tokens` slice inside a character and panic, which
+    /// crash-looped the gateway on the broker's redelivery.
+    #[test]
+    fn non_ascii_outside_strings_is_malformed_not_a_panic() {
+        for p in [
+            "\u{e9}",
+            "{\u{201c}temperature\u{201d}:21}",
+            "21\u{b0}C",
+            "{\"t\": 21} \u{e9}",
+            "\u{e9}NaN",
+            "{\"temperature\":NaN\u{b0},\"humidity\":2}",
+            "\u{1f600}Infinity\u{1f600}",
+            "{\"temperature\":21,\"humidity\":2,\"x\":\"\\\u{e9}\"}\u{e9}",
+        ] {
+            assert_eq!(code(p.as_bytes(), Some("d")), "malformed_json", "{p:?}");
+        }
+        assert_eq!(
+            code(
+                "{\"temperature\":NaN,\"humidity\":2,\"n\":\"\u{e9}\"}".as_bytes(),
+                Some("d")
+            ),
+            "not_finite"
         );
     }
 

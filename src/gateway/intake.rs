@@ -31,7 +31,21 @@ pub fn intake<'a>(
     limits: &Limits,
     dlq_max_payload: Option<usize>,
 ) -> Intake<'a> {
-    match reading::parse_ref(m.payload, topic_device, m.received_ms, limits) {
+    let parsed = crate::guard::catch(|| {
+        crate::guard::failpoint("intake", m.payload);
+        reading::parse_ref(m.payload, topic_device, m.received_ms, limits)
+    });
+    let parsed = parsed.unwrap_or_else(|panic| {
+        tracing::error!(
+            source = m.topic,
+            payload_hash = %crate::guard::payload_hash(m.payload),
+            bytes = m.payload.len(),
+            %panic,
+            "validating a payload panicked (a bug): dead-lettered as internal_error, the rest goes on"
+        );
+        Err(Rejection::Internal(panic))
+    });
+    match parsed {
         Ok(r) => Intake::Reading(r),
         Err(rejection) => {
             let dead_letter = dlq_max_payload.map(|max| {

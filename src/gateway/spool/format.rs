@@ -200,6 +200,37 @@ pub fn peek_offset(buf: &[u8]) -> u64 {
     u64::from_le_bytes(o)
 }
 
+/// Latest receive time a record can plausibly hold (2^45 ms: the year 3084).
+const MAX_PLAUSIBLE_MS: u64 = 1 << 45;
+
+/// A cheap test, without the checksum, that `buf` may start a record whose
+/// offset is in `[expected, limit)`: what resync asks at every byte of a
+/// damaged region before paying for a CRC over up to 16 MiB. Random bytes pass
+/// about once in 10^9 positions (length in range, only known flags, a receive
+/// time between 1970 and 3084, zero fields where the flags say absent), so
+/// resync over any amount of garbage stays linear. Every record the encoder
+/// writes with a receive time in that range passes.
+pub fn plausible_start(buf: &[u8], expected: u64, limit: u64) -> bool {
+    if record_len(buf).is_err() {
+        return false;
+    }
+    let b = &buf[RECORD_PREFIX_LEN..];
+    let u64_at = |i: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[i..i + 8]);
+        u64::from_le_bytes(a)
+    };
+    let (offset, received, ts, flags, seq) = (u64_at(0), u64_at(8), u64_at(16), b[24], u64_at(25));
+    let key_len = u16::from_le_bytes([b[33], b[34]]);
+    offset >= expected
+        && offset < limit
+        && received < MAX_PLAUSIBLE_MS
+        && flags & !(FLAG_DLQ | FLAG_SEQ | FLAG_KEY | FLAG_TS) == 0
+        && (flags & FLAG_TS != 0 || ts == 0)
+        && (flags & FLAG_SEQ != 0 || seq == 0)
+        && (flags & FLAG_KEY != 0 || key_len == 0)
+}
+
 /// A record as it lies in a read buffer (or a [`Record`] seen through
 /// [`Record::view`]): what the forwarder produces from, with no copies.
 #[derive(Debug, Clone, Copy)]

@@ -754,10 +754,7 @@ fn rewrite(dir: &Path, path: &Path, data: &[u8], keep: &[(usize, usize)]) -> io:
 fn resync(data: &[u8], from: usize, expected: u64, limit: u64) -> Option<usize> {
     (from..data.len()).find(|&p| {
         let b = &data[p..];
-        format::record_len(b).is_ok_and(|_| {
-            let o = format::peek_offset(b);
-            o >= expected && o < limit && format::decode_ref(b).is_ok()
-        })
+        format::plausible_start(b, expected, limit) && format::decode_ref(b).is_ok()
     })
 }
 
