@@ -13,12 +13,15 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 pub fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     // State touched by `f` is the message's own (parsers are pure), so
     // nothing half-updated is observed after the unwind.
-    catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
-        p.downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "panic with a non-text payload".into())
-    })
+    catch_unwind(AssertUnwindSafe(f)).map_err(|p| panic_message(&*p))
+}
+
+/// The text of a panic's payload.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic with a non-text payload".into())
 }
 
 /// A short stable hash of a payload for logs (CRC32C, hex).

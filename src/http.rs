@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -88,13 +89,69 @@ pub async fn bind(addr: &str, key: &str) -> Result<TcpListener, String> {
         .map_err(|e| format!("cannot listen on {addr} ({key}): {e}"))
 }
 
-/// Serves `router` until `shutdown` is cancelled.
+/// Connections served at once; past it a new one is closed at once, so
+/// strangers cannot take the file descriptors the spool needs.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A request's headers must arrive within this (a half-sent request is dropped).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection is closed (gracefully, after its current request) this long
+/// after it was opened: an idle keep-alive one does not stay forever.
+pub const CONNECTION_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// Serves `router` until `shutdown` is cancelled, with at most
+/// [`MAX_CONNECTIONS`] connections, [`HEADER_READ_TIMEOUT`] and
+/// [`CONNECTION_MAX_AGE`].
 pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) {
     let addr = listener.local_addr().ok();
-    if let Err(e) = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
-        tracing::error!(error = %e, ?addr, "HTTP server failed");
+    let room = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut refused: u64 = 0;
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, or the peer gave up: never spin.
+                    tracing::warn!(error = %e, ?addr, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = room.clone().try_acquire_owned() else {
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    ?addr,
+                    refused,
+                    max = MAX_CONNECTIONS,
+                    "HTTP connection limit reached; closing new connections"
+                );
+            }
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = stream.set_nodelay(true);
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(64 * 1024);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let age = tokio::time::sleep(CONNECTION_MAX_AGE);
+            tokio::pin!(age);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stop.cancelled() => {}
+                _ = &mut age => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, conn).await;
+        });
     }
 }

@@ -44,8 +44,10 @@ impl Notifier {
         }
     }
 
-    pub fn is_ready(&self) -> bool {
-        self.ready
+    /// This notifier of another loop of the process: `READY=1` was sent.
+    pub fn after_ready(mut self) -> Self {
+        self.ready = true;
+        self
     }
 
     /// `WATCHDOG=1` when half the watchdog interval has passed since the last one.

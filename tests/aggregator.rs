@@ -575,3 +575,127 @@ fn check_config_names_a_typo_d_key() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("window_secs = 30"));
 }
+
+/// Issue 23: bytes that panicked the parser killed the consumer thread (the
+/// process stayed up, counting nothing); a future-dated record froze its
+/// device; a forged `seq` far ahead made the next readings duplicates.
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_future_dated_and_forged_seq_records_do_not_stop_or_freeze_counting() {
+    common::require_kafka();
+    let name = common::unique_name("agg-poison");
+    let dir = common::test_dir(&name);
+    common::create_topic(&name, 1).await;
+    let p = producer();
+    let now = chrono::Utc::now().timestamp_millis();
+    for (i, poison) in ["\u{e9}", "{\u{201c}temperature\u{201d}:21}", "21\u{b0}C"]
+        .iter()
+        .enumerate()
+    {
+        send(&p, &name, Some(&format!("p{i}")), poison.as_bytes(), now).await;
+    }
+    for seq in 1..=5 {
+        send(
+            &p,
+            &name,
+            Some("d1"),
+            canonical("d1", 20.0, 50.0, seq, now).as_bytes(),
+            now,
+        )
+        .await;
+    }
+    // 50 minutes ahead, in the value and in the producer-chosen record
+    // timestamp (Kafka refuses record timestamps over an hour ahead).
+    let ahead = now + 50 * 60_000;
+    send(
+        &p,
+        &name,
+        Some("d2"),
+        canonical("d2", 80.0, 99.0, 1, ahead).as_bytes(),
+        ahead,
+    )
+    .await;
+    for seq in 2..=4 {
+        send(
+            &p,
+            &name,
+            Some("d2"),
+            canonical("d2", 21.0, 40.0, seq, now + seq as i64).as_bytes(),
+            now,
+        )
+        .await;
+    }
+    for seq in [1, 2, 3, 1_000, 4, 5, 6] {
+        send(
+            &p,
+            &name,
+            Some("d3"),
+            canonical("d3", 22.0, 45.0, seq, now).as_bytes(),
+            now,
+        )
+        .await;
+    }
+    let mut agg = Agg::start(&name, &format!("{name}-g"), &dir, "aggregator", &[]);
+    agg.wait_for("every device counted", |a| {
+        let c = a.device_counts();
+        c.get("d1") == Some(&5) && c.get("d2") == Some(&3) && c.get("d3") == Some(&7)
+    })
+    .await;
+    let skipped = |reason| agg.metric("aggregator_records_skipped_total", &[("reason", reason)]);
+    assert_eq!(skipped("malformed_json"), 3.0);
+    assert_eq!(skipped("ts_in_future"), 1.0);
+    assert_eq!(skipped("duplicate_seq"), 0.0);
+    let (_, d2) = agg.json("/api/devices/d2");
+    assert_eq!(d2["device"]["temperature"], 21.0, "{d2}");
+    assert!(agg.child.is_running());
+    agg.child.stop_cleanly(Duration::from_secs(20));
+}
+
+/// A panic in the consumer thread outside a record's parse (the test-only
+/// failpoint `IOT_FAILPOINT_CONSUMER`) ends the process with an error within
+/// seconds, so systemd or compose restarts it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_consumer_thread_ends_the_process_with_an_error() {
+    assert!(
+        cfg!(feature = "failpoints"),
+        "this test needs the test-only failpoints: run scripts/test, or cargo test --features failpoints"
+    );
+    common::require_kafka();
+    let name = common::unique_name("agg-die");
+    let dir = common::test_dir(&name);
+    common::create_topic(&name, 1).await;
+    let mut agg = Agg::start(
+        &name,
+        &format!("{name}-g"),
+        &dir,
+        "aggregator",
+        &[("IOT_FAILPOINT_CONSUMER", "KILL-CONSUMER".into())],
+    );
+    agg.wait_for("ready", |a| {
+        matches!(common::http_get(&a.http, "/readyz"), Ok((200, _)))
+    })
+    .await;
+    let p = producer();
+    let now = chrono::Utc::now().timestamp_millis();
+    send(
+        &p,
+        &name,
+        Some("d1"),
+        canonical("d1", 20.0, 50.0, 1, now).as_bytes(),
+        now,
+    )
+    .await;
+    send(&p, &name, Some("d1"), b"KILL-CONSUMER", now).await;
+    let mut status = None;
+    for _ in 0..150 {
+        if let Ok(Some(st)) = agg.child.child.try_wait() {
+            status = Some(st);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = agg.child.log_text();
+    let status =
+        status.unwrap_or_else(|| panic!("still running 15 s after the panic; log:\n{log}"));
+    assert!(!status.success(), "exit {status:?}; log:\n{log}");
+    assert!(log.contains("consumer thread died"), "{log}");
+}

@@ -385,6 +385,23 @@ fn invalid_corpus() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             br#"{"temperature":1,"humidity":2,"ts":"2001-01-01T00:00:00Z"}"#.to_vec(),
         ),
     ];
+    // Issue 23: non-ASCII outside a JSON string crashed the gateway, and the
+    // broker's redelivery crash-looped it.
+    for (dev, payload) in [
+        ("poison-1", "\u{e9}"),
+        ("poison-2", "{\u{201c}temperature\u{201d}:21}"),
+        ("poison-3", "21\u{b0}C"),
+        ("poison-4", "{\"t\": 21} \u{e9}"),
+    ] {
+        v.push((dev, "malformed_json", payload.as_bytes().to_vec()));
+    }
+    // The test-only failpoint (see `FAILPOINT`): a panic while validating
+    // this one payload dead-letters it, and nothing else changes.
+    v.push((
+        "poison-5",
+        "internal_error",
+        format!(r#"{{"temperature":21,"humidity":40,"note":"{FAILPOINT}"}}"#).into_bytes(),
+    ));
     // A device id that breaks the rules: spaces are legal in MQTT topics.
     v.push((
         "bad id",
@@ -394,10 +411,17 @@ fn invalid_corpus() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     v
 }
 
+/// Payload text that panics intake (`IOT_FAILPOINT_INTAKE`, feature `failpoints`).
+const FAILPOINT: &str = "FAILPOINT-PANIC";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_payloads_go_to_the_dlq_with_their_reason() {
+    assert!(
+        cfg!(feature = "failpoints"),
+        "this test needs the test-only failpoints: run scripts/test, or cargo test --features failpoints"
+    );
     let s = Setup::new("gw-dlq").await;
-    let mut gw = s.start(&[], "gateway");
+    let mut gw = s.start(&[("IOT_FAILPOINT_INTAKE", FAILPOINT.into())], "gateway");
     s.wait_ready(&mut gw).await;
     let corpus = invalid_corpus();
     let msgs: Vec<(String, Vec<u8>)> = corpus
@@ -436,6 +460,9 @@ async fn invalid_payloads_go_to_the_dlq_with_their_reason() {
             .to_string();
         let detail = common::header(m, "detail").expect("detail header");
         assert!(!detail.is_empty());
+        if common::header(m, "reason") == Some("internal_error") {
+            assert!(detail.contains("failpoint intake hit"), "{detail}");
+        }
         assert!(common::header(m, "received_at").is_some());
         let source = common::header(m, "source")
             .expect("source header")
@@ -1465,8 +1492,12 @@ fn notifications(
     got
 }
 
+/// Issue 23: READY=1 used to wait for the MQTT subscription, so a gateway
+/// booting while the broker was down was killed by systemd's start timeout
+/// over and over, interrupting the drain of its spool. Now: READY once the
+/// spool is open and HTTP listens; the spool drains to Kafka with no broker.
 #[tokio::test(flavor = "multi_thread")]
-async fn systemd_notify_ready_only_once_subscribed_then_watchdog_and_stopping() {
+async fn systemd_ready_with_the_broker_down_at_boot_while_the_spool_drains() {
     let s = Setup::new("gw-notify").await;
     let path = s.dir.join("notify.sock");
     let _ = std::fs::remove_file(&path);
@@ -1476,44 +1507,81 @@ async fn systemd_notify_ready_only_once_subscribed_then_watchdog_and_stopping() 
         ("WATCHDOG_USEC", "1000000".to_string()),
     ];
 
-    // A broker that does not answer: alive (watchdog pings), but never READY.
-    let dead = format!("mqtt://127.0.0.1:{}", common::free_port());
-    let gw = s.start_with(
-        &dead,
+    // 1. Kafka unreachable: readings are spooled and acknowledged.
+    let dead_kafka = format!("127.0.0.1:{}", common::free_port());
+    let mut gw = s.start_with(
+        &common::mqtt_broker(),
+        &dead_kafka,
+        &[("GATEWAY__KAFKA__CREATE_TOPICS", "false".into())],
+        "gateway-no-kafka",
+    );
+    let (host, port) = common::mqtt_host_port();
+    let mut up = false;
+    for _ in 0..100 {
+        up = s.metric("gateway_mqtt_connected", &[]) == 1.0;
+        if up {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(up, "not subscribed; log:\n{}", gw.log_text());
+    let msgs = readings(&s, 5, 1..=10);
+    publish_all(&host, port, &msgs, None).await;
+    assert!(
+        gw.terminate(Duration::from_secs(20)).is_some(),
+        "{}",
+        gw.log_text()
+    );
+
+    // 2. The broker down at boot, Kafka back: READY, watchdog pings, and the
+    //    spool drains to Kafka.
+    let dead_broker = format!("mqtt://127.0.0.1:{}", common::free_port());
+    let mut gw = s.start_with(
+        &dead_broker,
         &common::kafka_bootstrap(),
         &notify,
         "gateway-no-broker",
     );
-    let early = notifications(&sock, Duration::from_secs(6), "READY=1");
+    let got = notifications(&sock, Duration::from_secs(15), "READY=1");
     assert!(
-        !early.iter().any(|m| m.contains("READY=1")),
-        "READY before subscribing: {early:?}\n{}",
+        got.iter().any(|m| m.contains("READY=1")),
+        "no READY with the broker down: {got:?}\n{}",
         gw.log_text()
     );
-    let pings = early.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    let later = notifications(&sock, Duration::from_secs(3), "never");
     assert!(
-        pings >= 4,
-        "a 1 s watchdog wants a ping every 0.5 s: {early:?}"
+        later.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 4,
+        "a 1 s watchdog wants a ping every 0.5 s: {later:?}"
     );
+    let records = common::consume(
+        &s.topic,
+        msgs.len(),
+        Duration::from_secs(60),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(
+        readings_seen(&records).len(),
+        msgs.len(),
+        "the spool drained to Kafka without a broker; log:\n{}",
+        gw.log_text()
+    );
+    assert_eq!(s.metric("gateway_mqtt_connected", &[]), 0.0);
+    let (code, body) = readyz(&s);
+    assert!(
+        code == 503 && body.to_lowercase().contains("mqtt"),
+        "{code} {body}"
+    );
+    assert!(gw.is_running());
     drop(gw);
 
-    // The real broker: READY once subscribed, then pings, STOPPING on SIGTERM.
+    // 3. The real broker: READY, then STOPPING on SIGTERM.
     let mut gw = s.start(&notify, "gateway");
     let got = notifications(&sock, Duration::from_secs(30), "READY=1");
     assert!(
         got.iter().any(|m| m.contains("READY=1")),
         "no READY: {got:?}\n{}",
         gw.log_text()
-    );
-    assert_eq!(
-        s.metric("gateway_mqtt_connected", &[]),
-        1.0,
-        "READY came before the subscription"
-    );
-    let later = notifications(&sock, Duration::from_secs(2), "never");
-    assert!(
-        later.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2,
-        "{later:?}"
     );
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &gw.child.id().to_string()])

@@ -60,6 +60,8 @@ pub enum AggregatorError {
     Http(String),
     #[error("Kafka consumer: {0}")]
     Kafka(#[from] KafkaError),
+    #[error("the consumer thread died: {0}")]
+    ConsumerDied(String),
 }
 
 /// Consumer callbacks: commit and forget state on revoke, note assignments.
@@ -201,14 +203,34 @@ pub async fn run(
     // feeds the watchdog.
     let mut notifier = crate::systemd::Notifier::from_env();
     notifier.ready("consuming");
-    shutdown.cancelled().await;
+    // The consumer thread ends only when told to: ending otherwise (a panic)
+    // ends the process with an error, so systemd or compose restarts it
+    // instead of a live process that counts nothing.
+    let mut worker = tokio::task::spawn_blocking(move || worker.join());
+    let died = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        joined = &mut worker => Some(joined),
+    };
     notifier.stopping();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     lag_stop.cancel();
-    let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    let result = match died {
+        None => {
+            let _ = worker.await;
+            Ok(())
+        }
+        Some(joined) => {
+            let why = match joined {
+                Ok(Err(panic)) => crate::guard::panic_message(&*panic),
+                _ => "it stopped".into(),
+            };
+            tracing::error!(%why, "the consumer thread died; exiting so the service is restarted");
+            Err(AggregatorError::ConsumerDied(why))
+        }
+    };
     http_stop.cancel();
     let _ = http_task.await;
-    Ok(())
+    result
 }
 
 /// A consumed record, parsed outside the state lock.
@@ -221,8 +243,26 @@ fn parse_record(msg: &BorrowedMessage<'_>, limits: &reading::Limits) -> Parsed {
         Some(Ok(k)) => Some(k),
         Some(Err(_)) => return Err("bad_key"),
     };
-    let record_ts = msg.timestamp().to_millis().unwrap_or_else(now_ms);
-    match reading::parse(payload, key, record_ts, limits) {
+    // The producer chooses the record timestamp: it may stand for the receive
+    // time only where it is not ahead of our own clock, so `ts` is checked
+    // against the wall clock (a future-dated record would freeze the device).
+    let now = now_ms();
+    let received = msg.timestamp().to_millis().map_or(now, |t| t.min(now));
+    let parsed = crate::guard::catch(|| {
+        crate::guard::failpoint("parse", payload);
+        reading::parse(payload, key, received, limits)
+    })
+    .unwrap_or_else(|panic| {
+        tracing::error!(
+            partition = msg.partition(),
+            offset = msg.offset(),
+            payload_hash = %crate::guard::payload_hash(payload),
+            %panic,
+            "parsing a record panicked (a bug): skipped as internal_error, the rest goes on"
+        );
+        Err(reading::Rejection::Internal(panic))
+    });
+    match parsed {
         Ok(r) => Ok(Applied {
             device: r.device_id,
             temperature: r.temperature,
@@ -267,6 +307,8 @@ fn consume_loop(
                         info!("consuming again");
                         failing = false;
                     }
+                    // Outside the per-record guard: a death of this thread.
+                    crate::guard::failpoint("consumer", msg.payload().unwrap_or_default());
                     batch.push((msg.partition(), msg.offset(), parse_record(&msg, limits)));
                     wait = Duration::ZERO;
                 }

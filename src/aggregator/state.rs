@@ -102,6 +102,10 @@ pub struct DeviceState {
     pub last_ts_ms: i64,
     pub count: u64,
     last_seq: Option<u64>,
+    /// `last_seq` came with a jump ahead past the `seen` bitmap: until a
+    /// reading confirms it, a lower seq is a restart, not a duplicate (a forged
+    /// or glitched seq far ahead must not drop the device's next readings).
+    jumped: bool,
     /// Bit i: seq `last_seq - i` was applied. Readings of one device can reach
     /// Kafka out of order (gateways sharing a subscription, a spool replay):
     /// a lower seq not seen yet is new, not a replay.
@@ -194,8 +198,10 @@ impl State {
             return Outcome::ReplayedOffset;
         }
         self.applied.insert(r.partition, r.offset);
-        let size = (self.cfg.window_secs.max(1) * 1000) as i64;
-        let lateness = (self.cfg.allowed_lateness_secs * 1000) as i64;
+        // Saturating: config bounds keep these small, but `State` is public.
+        let ms = |secs: u64| i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let size = ms(self.cfg.window_secs.max(1));
+        let lateness = ms(self.cfg.allowed_lateness_secs);
         let kept = self.cfg.windows_kept;
         let replay_window = self.cfg.seq_replay_window;
         let (d, _) = self.devices.touch(&r.device, || DeviceState {
@@ -205,11 +211,19 @@ impl State {
             last_ts_ms: r.ts_ms,
             count: 0,
             last_seq: None,
+            jumped: false,
             seen: 0,
             open: VecDeque::new(),
             closed: VecDeque::new(),
         });
         match (r.seq, d.last_seq) {
+            (Some(seq), Some(last)) if seq <= last && d.jumped => {
+                // The jump to `last` was not confirmed: the device goes on
+                // (or restarted) from here.
+                d.seen = 1;
+                d.last_seq = Some(seq);
+                d.jumped = false;
+            }
             (Some(seq), Some(last)) if seq <= last && last - seq <= replay_window => {
                 let back = last - seq;
                 if back >= u128::BITS as u64 || d.seen & (1 << back) != 0 {
@@ -219,6 +233,7 @@ impl State {
             }
             (Some(seq), Some(last)) if seq > last => {
                 let ahead = seq - last;
+                d.jumped = ahead > u128::BITS as u64;
                 d.seen = if ahead >= u128::BITS as u64 {
                     0
                 } else {
@@ -230,6 +245,7 @@ impl State {
             (Some(seq), _) => {
                 d.seen = 1;
                 d.last_seq = Some(seq);
+                d.jumped = false;
             }
             (None, _) => {}
         }
@@ -242,9 +258,10 @@ impl State {
             d.humidity = r.humidity;
             d.last_ts_ms = r.ts_ms;
         }
-        let watermark = d.last_ts_ms - lateness;
-        let start = r.ts_ms - r.ts_ms.rem_euclid(size);
-        let outcome = if start + size <= watermark {
+        let watermark = d.last_ts_ms.saturating_sub(lateness);
+        let start = r.ts_ms.div_euclid(size).saturating_mul(size);
+        let end = start.saturating_add(size);
+        let outcome = if end <= watermark {
             Outcome::AppliedLate
         } else {
             match d.open.iter_mut().find(|w| w.start_ms == start) {
@@ -256,7 +273,7 @@ impl State {
                 None => {
                     let w = Window {
                         start_ms: start,
-                        end_ms: start + size,
+                        end_ms: end,
                         count: 1,
                         temperature: Stat::new(r.temperature),
                         humidity: Stat::new(r.humidity),
@@ -302,7 +319,9 @@ impl State {
     }
 
     pub fn is_online(&self, d: &DeviceState, now_ms: i64) -> bool {
-        now_ms - d.last_ts_ms <= (self.cfg.offline_after_secs * 1000) as i64
+        let after =
+            i64::try_from(self.cfg.offline_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        now_ms.saturating_sub(d.last_ts_ms) <= after
     }
 
     /// Devices sorted by id.
@@ -466,12 +485,60 @@ mod tests {
         for seq in [1, 2, 3, 4, 5] {
             assert_eq!(apply(&mut s, seq), Outcome::DuplicateSeq, "seq {seq}");
         }
-        // A jump past the 128 remembered seqs forgets them; older ones in the
-        // replay window are then taken for replays.
+        // A jump past the 128 remembered seqs forgets them; once a reading
+        // confirms the jump, older ones in the replay window are replays.
         assert_eq!(apply(&mut s, 500), Outcome::Applied);
+        assert_eq!(apply(&mut s, 501), Outcome::Applied);
         assert_eq!(apply(&mut s, 499), Outcome::Applied);
         assert_eq!(apply(&mut s, 300), Outcome::DuplicateSeq);
-        assert_eq!(s.devices["a"].count, 7);
+        assert_eq!(s.devices["a"].count, 8);
+    }
+
+    /// Issue 23: one record with a forged `seq` far ahead made the device's
+    /// next real readings count as duplicates. An unconfirmed jump is a
+    /// restart: the readings after it are counted.
+    #[test]
+    fn a_forged_seq_far_ahead_does_not_drop_the_next_readings() {
+        let mut s = State::new(AggregationConfig::default());
+        let mut offset = 0;
+        let mut apply = |s: &mut State, seq| {
+            offset += 1;
+            s.apply(r("a", 1.0, 1.0, 0, Some(seq), offset))
+        };
+        for seq in 1..=100 {
+            assert_eq!(apply(&mut s, seq), Outcome::Applied);
+        }
+        assert_eq!(apply(&mut s, 600), Outcome::Applied, "forged");
+        for seq in 101..=150 {
+            assert_eq!(apply(&mut s, seq), Outcome::Applied, "seq {seq}");
+        }
+        assert_eq!(apply(&mut s, 150), Outcome::DuplicateSeq);
+        assert_eq!(apply(&mut s, u64::MAX), Outcome::Applied, "forged");
+        assert_eq!(apply(&mut s, 151), Outcome::Applied);
+        assert_eq!(s.devices["a"].count, 153);
+    }
+
+    /// Event times at the ends of i64 do not overflow the window arithmetic,
+    /// nor does a huge window size.
+    #[test]
+    fn extreme_timestamps_and_sizes_do_not_overflow() {
+        for window_secs in [1, 60, u64::MAX] {
+            let mut s = State::new(AggregationConfig {
+                window_secs,
+                allowed_lateness_secs: u64::MAX,
+                offline_after_secs: u64::MAX,
+                ..Default::default()
+            });
+            for (i, ts) in [i64::MAX, i64::MIN, 0, i64::MAX - 1, i64::MIN + 1]
+                .into_iter()
+                .enumerate()
+            {
+                s.apply(r("a", 1.0, 1.0, ts, None, i as i64));
+            }
+            assert_eq!(s.devices["a"].count, 5);
+            let _ = s.online(i64::MIN);
+            let _ = s.online(i64::MAX);
+        }
     }
 
     #[test]

@@ -292,6 +292,27 @@ pub async fn run_with_reload(
         crate::http::base_router(metrics.registry.clone(), ready, None),
         http_stop.clone(),
     ));
+    // systemd: started once the spool is open and HTTP listens. A broker that
+    // is down at boot (or refuses the subscription) must not get us killed by
+    // the start timeout while the spool could drain to Kafka; MQTT and Kafka
+    // state are in /readyz and the metrics. Until the pipeline loop feeds the
+    // watchdog, this task does.
+    let early_pings = CancellationToken::new();
+    {
+        let mut notifier = crate::systemd::Notifier::from_env();
+        notifier.ready("spool open, serving HTTP (MQTT and Kafka state: /readyz)");
+        let stop = early_pings.clone();
+        tokio::spawn(async move {
+            loop {
+                notifier.alive();
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(notifier.tick()) => {}
+                }
+            }
+        });
+    }
+    let early_pings = early_pings.drop_guard();
 
     let (report_tx, reports) = mpsc::unbounded_channel();
     let slot: kafka::ProducerSlot = Arc::new(std::sync::RwLock::new(Arc::new(kafka::producer(
@@ -417,6 +438,7 @@ pub async fn run_with_reload(
         Some(rx) => rx,
         None => mpsc::channel(1).1,
     };
+    drop(early_pings);
     let mut result = pipeline
         .run(
             &mut mqtt_rx,
@@ -563,9 +585,9 @@ impl Pipeline {
         let mut deadline: Option<tokio::time::Instant> = None;
         let (mut mqtt_open, mut sim_open) = (true, true);
         let mut outcome = Ok(());
-        // systemd: ready once subscribed (the spool is open by now); the
-        // watchdog is fed from this loop, so a wedged pipeline gets restarted.
-        let mut notifier = crate::systemd::Notifier::from_env();
+        // systemd: the watchdog is fed from this loop, so a wedged pipeline
+        // gets restarted (READY=1 went out once the spool and HTTP were up).
+        let mut notifier = crate::systemd::Notifier::from_env().after_ready();
         let mut tick = tokio::time::interval(notifier.tick());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -626,14 +648,6 @@ impl Pipeline {
                 _ = tick.tick() => {}
                 // Acks left over from a full request channel: try again soon.
                 _ = tokio::time::sleep(Duration::from_millis(2)), if !self.pkids.is_empty() => {}
-            }
-            if !notifier.is_ready()
-                && !draining
-                && (!self.cfg.mqtt.enabled || self.metrics.mqtt_connected.get() == 1)
-            {
-                notifier.ready("accepting readings");
-                tick = tokio::time::interval(notifier.tick());
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             }
             notifier.alive();
             self.out.send_batch()?;

@@ -244,7 +244,10 @@ fn a_64_mib_random_tail_is_resolved_with_almost_no_checksums() {
     drop(f);
     let t = std::time::Instant::now();
     let (_, mut r, rec) = Spool::open(o).unwrap();
-    eprintln!("recovered a 64 MiB garbage tail in {:?} (debug build)", t.elapsed());
+    eprintln!(
+        "recovered a 64 MiB garbage tail in {:?} (debug build)",
+        t.elapsed()
+    );
     assert_eq!(rec.truncated_bytes, garbage.len() as u64);
     assert_eq!(read_all(&mut r), (0..10).collect::<Vec<_>>());
 }
