@@ -1518,7 +1518,14 @@ async fn systemd_ready_with_the_broker_down_at_boot_while_the_spool_drains() {
     let (host, port) = common::mqtt_host_port();
     let mut up = false;
     for _ in 0..100 {
-        up = s.metric("gateway_mqtt_connected", &[]) == 1.0;
+        // Tolerant of the first tries, before HTTP listens.
+        up = common::http_get(&s.http, "/metrics").is_ok_and(|(_, body)| {
+            common::metric(
+                &common::parse_prometheus(&body),
+                "gateway_mqtt_connected",
+                &[],
+            ) == Some(1.0)
+        });
         if up {
             break;
         }
@@ -1527,6 +1534,12 @@ async fn systemd_ready_with_the_broker_down_at_boot_while_the_spool_drains() {
     assert!(up, "not subscribed; log:\n{}", gw.log_text());
     let msgs = readings(&s, 5, 1..=10);
     publish_all(&host, port, &msgs, None).await;
+    // The gateway's PUBACKs go out once the readings are in the spool.
+    let spooled = common::eventually(Duration::from_secs(30), || {
+        s.metric("gateway_mqtt_acks_total", &[]) == msgs.len() as f64
+    })
+    .await;
+    assert!(spooled, "not spooled; log:\n{}", gw.log_text());
     assert!(
         gw.terminate(Duration::from_secs(20)).is_some(),
         "{}",
