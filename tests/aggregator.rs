@@ -655,10 +655,7 @@ async fn poison_future_dated_and_forged_seq_records_do_not_stop_or_freeze_counti
 /// seconds, so systemd or compose restarts it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_consumer_thread_ends_the_process_with_an_error() {
-    assert!(
-        cfg!(feature = "failpoints"),
-        "this test needs the test-only failpoints: run scripts/test, or cargo test --features failpoints"
-    );
+    common::require_failpoints();
     common::require_kafka();
     let name = common::unique_name("agg-die");
     let dir = common::test_dir(&name);

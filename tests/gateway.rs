@@ -416,10 +416,7 @@ const FAILPOINT: &str = "FAILPOINT-PANIC";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_payloads_go_to_the_dlq_with_their_reason() {
-    assert!(
-        cfg!(feature = "failpoints"),
-        "this test needs the test-only failpoints: run scripts/test, or cargo test --features failpoints"
-    );
+    common::require_failpoints();
     let s = Setup::new("gw-dlq").await;
     let mut gw = s.start(&[("IOT_FAILPOINT_INTAKE", FAILPOINT.into())], "gateway");
     s.wait_ready(&mut gw).await;

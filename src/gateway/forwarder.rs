@@ -518,6 +518,7 @@ impl Forwarder {
                     rec.received_ms,
                     rec.key.take(),
                     &rec.value,
+                    rec.value.len(),
                     self.cfg.dlq_max_payload_bytes,
                 );
                 d.offset = rec.offset;

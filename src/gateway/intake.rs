@@ -33,6 +33,13 @@ pub fn intake<'a>(
 ) -> Intake<'a> {
     let parsed = crate::guard::catch(|| {
         crate::guard::failpoint("intake", m.payload);
+        if m.size > limits.max_payload_bytes {
+            // Cut on arrival (the source kept only what the DLQ keeps).
+            return Err(Rejection::PayloadTooLarge {
+                size: m.size,
+                limit: limits.max_payload_bytes,
+            });
+        }
         reading::parse_ref(m.payload, topic_device, m.received_ms, limits)
     });
     let parsed = parsed.unwrap_or_else(|panic| {
@@ -56,6 +63,7 @@ pub fn intake<'a>(
                     m.received_ms,
                     topic_device.map(|d| d.as_bytes().to_vec()),
                     m.payload,
+                    m.size.max(m.payload.len()),
                     max,
                 )
             });
@@ -112,6 +120,9 @@ impl Encoder {
 
 /// A dead-letter record: the raw payload (cut at `max_payload`) with `reason`,
 /// `detail`, `source`, `received_at`, `schema` (and `original_size` when cut).
+/// `original_size`: the payload's size as received (it may have been cut
+/// already on arrival).
+#[allow(clippy::too_many_arguments)]
 pub fn dead_letter(
     reason: &str,
     detail: &str,
@@ -119,6 +130,7 @@ pub fn dead_letter(
     received_ms: i64,
     key: Option<Vec<u8>>,
     payload: &[u8],
+    original_size: usize,
     max_payload: usize,
 ) -> Record {
     let keep = payload.len().min(max_payload);
@@ -132,10 +144,10 @@ pub fn dead_letter(
         ),
         ("schema".into(), SCHEMA_VERSION.as_bytes().into()),
     ];
-    if keep < payload.len() {
+    if keep < original_size {
         headers.push((
             "original_size".into(),
-            payload.len().to_string().into_bytes().into(),
+            original_size.to_string().into_bytes().into(),
         ));
     }
     Record {
@@ -160,6 +172,7 @@ mod tests {
             topic: "sensors/d1/telemetry",
             device: None,
             payload: payload.as_bytes(),
+            size: payload.len(),
             received_ms: 1_700_000_000_000,
             pkid: Some(1),
         }
@@ -199,6 +212,35 @@ mod tests {
             ]
         );
         assert_eq!(recs[1].value, r.value);
+    }
+
+    /// A payload cut on arrival (issue 23: 300 x 1.9 MB took 111 MiB) is
+    /// rejected for its size as received, and says it in `original_size`.
+    #[test]
+    fn a_payload_cut_on_arrival_is_too_large_by_its_received_size() {
+        let m = Incoming {
+            size: 1_900_000,
+            ..incoming(r#"{"temperature": 21.5, "humidity": 40}"#)
+        };
+        let Intake::Rejected {
+            rejection,
+            dead_letter: Some(d),
+        } = intake(&m, Some("d1"), &Limits::default(), Some(1000))
+        else {
+            panic!("accepted")
+        };
+        assert_eq!(
+            rejection,
+            Rejection::PayloadTooLarge {
+                size: 1_900_000,
+                limit: 4096
+            }
+        );
+        assert_eq!(d.value, m.payload);
+        assert!(d
+            .headers
+            .iter()
+            .any(|(k, v)| k == "original_size" && &v[..] == b"1900000"));
     }
 
     #[test]

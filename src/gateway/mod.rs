@@ -55,7 +55,11 @@ pub struct Incoming<'a> {
     pub topic: &'a str,
     /// Device id known from the source (simulated); MQTT takes it from the topic.
     pub device: Option<&'a str>,
+    /// The payload, or its first bytes when it was cut at receipt (see `size`).
     pub payload: &'a [u8],
+    /// The payload's size as received: over `validation.max_payload_bytes` it
+    /// was rejected on arrival and only its first `dlq_max_payload_bytes` kept.
+    pub size: usize,
     /// Receive time, epoch ms.
     pub received_ms: i64,
     /// MQTT packet id to acknowledge (QoS 1); `None` = nothing to acknowledge.
@@ -74,9 +78,13 @@ pub struct Received {
     msgs: Vec<Msg>,
     /// Receive time of all of them, epoch ms.
     pub received_ms: i64,
-    /// The source's room taken by these messages, given back when this is
-    /// dropped (see `mqtt`: it bounds what waits for the pipeline).
-    held: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The source's room taken by these messages (in messages and bytes),
+    /// given back when this is dropped (see `mqtt`: it bounds what waits for
+    /// the pipeline).
+    held: Option<(
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    )>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -84,6 +92,8 @@ struct Msg {
     topic: (u32, u32),
     device: Option<(u32, u32)>,
     payload: (u32, u32),
+    /// As received (more than `payload` holds when cut).
+    size: u32,
     pkid: Option<u16>,
 }
 
@@ -109,9 +119,13 @@ impl Received {
         }
     }
 
-    /// Keeps `permit` until this is dropped or emptied.
-    pub fn hold(&mut self, permit: tokio::sync::OwnedSemaphorePermit) {
-        self.held = Some(permit);
+    /// Keeps the permits until this is dropped or emptied.
+    pub fn hold(
+        &mut self,
+        messages: tokio::sync::OwnedSemaphorePermit,
+        bytes: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        self.held = Some((messages, bytes));
     }
 
     /// Empties it for reuse (its room goes back to the source now).
@@ -145,6 +159,20 @@ impl Received {
     }
 
     pub fn push(&mut self, topic: &str, device: Option<&str>, payload: &[u8], pkid: Option<u16>) {
+        self.push_cut(topic, device, payload, pkid, usize::MAX);
+    }
+
+    /// [`Received::push`], keeping only the first `keep` bytes of `payload`.
+    pub fn push_cut(
+        &mut self,
+        topic: &str,
+        device: Option<&str>,
+        payload: &[u8],
+        pkid: Option<u16>,
+        keep: usize,
+    ) {
+        let size = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        let payload = &payload[..payload.len().min(keep)];
         let mut text = |s: &str| {
             let start = self.text.len() as u32;
             self.text.push_str(s);
@@ -158,6 +186,7 @@ impl Received {
             topic,
             device,
             payload: (start, self.payloads.len() as u32),
+            size,
             pkid,
         });
     }
@@ -185,6 +214,7 @@ impl Received {
                 .payloads
                 .get(m.payload.0 as usize..m.payload.1 as usize)
                 .unwrap_or_default(),
+            size: m.size as usize,
             received_ms: self.received_ms,
             pkid: m.pkid,
         })
@@ -326,12 +356,25 @@ pub async fn run_with_reload(
     // subscribed, even while Kafka is still being checked.
     // About as many as can wait for the pipeline (see mqtt).
     let received = batch::Pool::new(8);
+    // Shared with the MQTT source, which cuts larger payloads on arrival.
+    let max_payload = Arc::new(std::sync::atomic::AtomicUsize::new(
+        cfg.validation.max_payload_bytes,
+    ));
     let (mqtt, mut mqtt_rx) = if cfg.mqtt.enabled {
+        let cut = mqtt::Cut {
+            max_payload: max_payload.clone(),
+            keep: if cfg.kafka.dlq_enabled {
+                cfg.kafka.dlq_max_payload_bytes
+            } else {
+                0
+            },
+        };
         let (source, events) = mqtt::start(
             &cfg.mqtt,
             cfg.kafka.max_in_flight,
             metrics.clone(),
             received.clone(),
+            cut,
         )
         .map_err(GatewayError::Mqtt)?;
         (Some(source), events)
@@ -431,6 +474,7 @@ pub async fn run_with_reload(
     }
     let mut pipeline = Pipeline::new(&cfg, metrics.clone(), out, recent);
     pipeline.limits = Some(limits_rx);
+    pipeline.max_payload = Some(max_payload);
     pipeline.received = received;
     pipeline.ids = ids;
     let acker = mqtt.as_ref().map(|m| m.acker.clone());
@@ -521,6 +565,13 @@ impl Out {
     }
 }
 
+/// A record this large is counted against [`PENDING_BYTES`] (readings are
+/// a few hundred bytes; dead letters of large payloads are up to
+/// `dlq_max_payload_bytes`).
+const BIG_RECORD: usize = 4096;
+/// Bytes of large records accepted and not yet settled, at most (plus one).
+pub const PENDING_BYTES: usize = 16 << 20;
+
 struct Pipeline {
     cfg: GatewayConfig,
     metrics: GatewayMetrics,
@@ -532,6 +583,11 @@ struct Pipeline {
     out: Out,
     /// Accepted and not yet settled.
     pending: usize,
+    /// Records over [`BIG_RECORD`] bytes among them (by ack id), and their
+    /// bytes: what a burst of large payloads makes us hold is bounded by
+    /// [`PENDING_BYTES`], not only by the window in messages.
+    big: std::collections::HashMap<acks::AckId, usize>,
+    pending_big_bytes: usize,
     window: usize,
     encoder: intake::Encoder,
     /// Where emptied [`Received`] go back to the MQTT source...
@@ -543,6 +599,8 @@ struct Pipeline {
     plus_segments: Vec<(String, Option<usize>)>,
     /// New validation limits from a reload (SIGHUP); taken by `run`.
     limits: Option<tokio::sync::watch::Receiver<crate::reading::Limits>>,
+    /// The MQTT source's copy of `validation.max_payload_bytes` (see `mqtt::Cut`).
+    max_payload: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 impl Pipeline {
@@ -555,6 +613,8 @@ impl Pipeline {
             recent,
             out,
             pending: 0,
+            big: std::collections::HashMap::new(),
+            pending_big_bytes: 0,
             window: cfg.kafka.max_in_flight,
             encoder: intake::Encoder::default(),
             received: batch::Pool::default(),
@@ -567,6 +627,7 @@ impl Pipeline {
                 .map(|f| (f.clone(), f.split('/').position(|s| s == "+")))
                 .collect(),
             limits: None,
+            max_payload: None,
         }
     }
 
@@ -592,7 +653,7 @@ impl Pipeline {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let draining = deadline.is_some();
-            let intake = !draining && self.pending < self.window;
+            let intake = !draining && self.has_room();
             tokio::select! {
                 biased;
                 Some(ev) = settled.recv() => {
@@ -620,7 +681,7 @@ impl Pipeline {
                         self.on_event(ev);
                         // Take what already arrived, within the window (a
                         // batch may pass it by its own size).
-                        while self.pending < self.window {
+                        while self.has_room() {
                             let Ok(ev) = mqtt_rx.try_recv() else { break };
                             self.on_event(ev);
                         }
@@ -630,7 +691,7 @@ impl Pipeline {
                 ev = sim_rx.recv(), if intake && sim_open => match ev {
                     Some(ev) => {
                         self.on_event(ev);
-                        while self.pending < self.window {
+                        while self.has_room() {
                             let Ok(ev) = sim_rx.try_recv() else { break };
                             self.on_event(ev);
                         }
@@ -643,6 +704,9 @@ impl Pipeline {
                 }
                 Ok(()) = limits.changed() => {
                     self.cfg.validation = limits.borrow_and_update().clone();
+                    if let Some(m) = &self.max_payload {
+                        m.store(self.cfg.validation.max_payload_bytes, std::sync::atomic::Ordering::Relaxed);
+                    }
                     info!(limits = ?self.cfg.validation, "validation limits updated");
                 }
                 _ = tick.tick() => {}
@@ -665,12 +729,27 @@ impl Pipeline {
         outcome
     }
 
+    /// Room for more: fewer than the window unsettled, and their large
+    /// records within the byte budget.
+    fn has_room(&self) -> bool {
+        self.pending < self.window && self.pending_big_bytes < PENDING_BYTES
+    }
+
+    fn settle(&mut self, id: acks::AckId) {
+        self.tracker.complete(id);
+        self.pending = self.pending.saturating_sub(1);
+        if !self.big.is_empty() {
+            if let Some(n) = self.big.remove(&id) {
+                self.pending_big_bytes -= n;
+            }
+        }
+    }
+
     fn on_settled(&mut self, ev: AckEvent) -> Result<(), GatewayError> {
         match ev {
             AckEvent::Ready(ids) => {
                 for &id in &ids {
-                    self.tracker.complete(id);
-                    self.pending = self.pending.saturating_sub(1);
+                    self.settle(id);
                 }
                 self.ids.give_ids(ids);
             }
@@ -743,6 +822,7 @@ impl Pipeline {
             Out::Memory(_, b, _) => Some(b),
             Out::Closed => None,
         };
+        let before = batch.as_ref().map_or(0, |b| b.buf.len());
         let written = match intake::intake(m, topic_device, &self.cfg.validation, dlq) {
             Intake::Reading(r) => {
                 let key = r.device_id.as_bytes();
@@ -799,8 +879,16 @@ impl Pipeline {
         // Without the spool, a reading that makes no record is settled now
         // (with it, the writer confirms it in order with the others).
         if !written && !matches!(self.out, Out::Spool(..)) {
-            self.tracker.complete(ack);
-            self.pending = self.pending.saturating_sub(1);
+            self.settle(ack);
+        } else if written {
+            let bytes = match &self.out {
+                Out::Spool(_, b, _) | Out::Memory(_, b, _) => b.buf.len().saturating_sub(before),
+                Out::Closed => 0,
+            };
+            if bytes > BIG_RECORD {
+                self.big.insert(ack, bytes);
+                self.pending_big_bytes += bytes;
+            }
         }
     }
 }
@@ -854,8 +942,12 @@ mod tests {
         r.push("a/d1/t", None, b"{1}", Some(3));
         r.push("simulated", Some("dev-2"), b"", None);
         r.push("a/\u{e9}/t", None, "\u{e9}".as_bytes(), Some(4));
+        let bytes = std::sync::Arc::new(tokio::sync::Semaphore::new(100));
         #[allow(clippy::unwrap_used)]
-        r.hold(room.clone().try_acquire_many_owned(3).unwrap());
+        r.hold(
+            room.clone().try_acquire_many_owned(3).unwrap(),
+            bytes.clone().try_acquire_many_owned(50).unwrap(),
+        );
         assert_eq!(room.available_permits(), 7);
         let got: Vec<_> = r
             .iter()
@@ -872,6 +964,7 @@ mod tests {
         let r = r.empty();
         assert!(r.is_empty() && r.bytes() == 0);
         assert_eq!(room.available_permits(), 10);
+        assert_eq!(bytes.available_permits(), 100);
     }
 
     #[test]

@@ -268,6 +268,20 @@ pub struct MqttSource {
     pub stop: CancellationToken,
 }
 
+/// Bytes of messages (topics and payloads) waiting for the pipeline at most:
+/// with payloads cut on arrival (see [`Cut`]) a burst of large messages holds
+/// this much, not their size.
+pub const QUEUE_BYTES: usize = 16 << 20;
+
+/// Payloads over `max_payload` bytes (`validation.max_payload_bytes`, shared
+/// with the pipeline, which updates it on reload) are rejected anyway: only
+/// their first `keep` bytes (what the DLQ keeps) are copied on arrival.
+#[derive(Debug, Clone)]
+pub struct Cut {
+    pub max_payload: Arc<std::sync::atomic::AtomicUsize>,
+    pub keep: usize,
+}
+
 /// Starts the client and its event-loop task; what arrives comes on the receiver.
 /// `window`: readings the pipeline holds unsettled at most (`kafka.max_in_flight`).
 /// Emptied batches come back through `pool`.
@@ -276,6 +290,7 @@ pub fn start(
     window: usize,
     metrics: GatewayMetrics,
     pool: Pool<Received>,
+    cut: Cut,
 ) -> Result<(MqttSource, mpsc::Receiver<SourceEvent>), String> {
     let url = parse_mqtt_url(&cfg.url)?;
     let (host, port) = (url.host, url.port);
@@ -333,15 +348,16 @@ pub fn start(
     // go with a batch and come back when the pipeline is done with it).
     let (tx, rx) = mpsc::channel(queued);
     let room = Arc::new(tokio::sync::Semaphore::new(queued));
+    let room_bytes = Arc::new(tokio::sync::Semaphore::new(QUEUE_BYTES));
     let stop = CancellationToken::new();
     let task = tokio::spawn(event_loop(
         el,
         acker.clone(),
         cfg.clone(),
-        (tx, room),
+        (tx, room, room_bytes),
         metrics,
         stop.clone(),
-        pool,
+        (pool, cut),
     ));
     Ok((MqttSource { acker, task, stop }, rx))
 }
@@ -349,6 +365,9 @@ pub fn start(
 /// Most payloads passed on in one [`Received`]: one wake-up of the pipeline
 /// for a socket's worth of messages, not for each read of ten.
 const MAX_BATCH: usize = 256;
+/// A batch is passed on once it holds this many bytes (a part of
+/// [`QUEUE_BYTES`], so several batches can wait).
+const MAX_BATCH_BYTES: usize = QUEUE_BYTES / 8;
 
 /// Packets rumqttc handles per read of the socket when more are there (its
 /// `max_readb_count` of 10 counts the first one twice).
@@ -372,14 +391,20 @@ async fn pass_on(batch: &mut Option<Received>, out: &Out, stop: &CancellationTok
     let Some(mut b) = batch.take() else {
         return true;
     };
-    let (tx, room) = out;
+    let (tx, room, room_bytes) = out;
     let n = u32::try_from(b.len()).unwrap_or(u32::MAX);
+    // A batch is at most MAX_BATCH_BYTES plus one message (<= 2 MiB by the
+    // config bounds), so this fits the budget.
+    let bytes = u32::try_from(b.bytes().min(QUEUE_BYTES)).unwrap_or(u32::MAX);
     let sent = async {
         // Closed only with the pipeline gone.
         let Ok(permit) = room.clone().acquire_many_owned(n).await else {
             return false;
         };
-        b.hold(permit);
+        let Ok(bytes) = room_bytes.clone().acquire_many_owned(bytes).await else {
+            return false;
+        };
+        b.hold(permit, bytes);
         tx.send(SourceEvent::Messages(b)).await.is_ok()
     };
     tokio::select! {
@@ -391,8 +416,12 @@ async fn pass_on(batch: &mut Option<Received>, out: &Out, stop: &CancellationTok
 }
 
 /// Where messages go: the pipeline's channel, and the room left in it (in
-/// messages).
-type Out = (mpsc::Sender<SourceEvent>, Arc<tokio::sync::Semaphore>);
+/// messages, and in bytes).
+type Out = (
+    mpsc::Sender<SourceEvent>,
+    Arc<tokio::sync::Semaphore>,
+    Arc<tokio::sync::Semaphore>,
+);
 
 async fn event_loop(
     mut el: Loop,
@@ -401,7 +430,7 @@ async fn event_loop(
     out: Out,
     metrics: GatewayMetrics,
     stop: CancellationToken,
-    pool: Pool<Received>,
+    (pool, cut): (Pool<Received>, Cut),
 ) {
     let tx = &out.0;
     let min = Duration::from_millis(cfg.reconnect_min_ms);
@@ -431,10 +460,17 @@ async fn event_loop(
                     // Copied: a payload is a slice of rumqttc's read buffer,
                     // and one slice alive keeps the whole buffer.
                     let b = batch.get_or_insert_with(|| Received::reuse(&pool, now_ms(), size));
-                    b.push(&topic, None, &payload, pkid);
+                    let max = cut.max_payload.load(std::sync::atomic::Ordering::Relaxed);
+                    let keep = if payload.len() > max {
+                        cut.keep
+                    } else {
+                        usize::MAX
+                    };
+                    b.push_cut(&topic, None, &payload, pkid, keep);
                     size = b.size();
                     read += 1;
-                    if b.len() >= MAX_BATCH && !pass_on(&mut batch, &out, &stop).await {
+                    let full = b.len() >= MAX_BATCH || b.bytes() >= MAX_BATCH_BYTES;
+                    if full && !pass_on(&mut batch, &out, &stop).await {
                         break 'poll; // pipeline gone
                     }
                 }
@@ -517,7 +553,11 @@ async fn event_loop(
             }
             // rumqttc reads at most READB_COUNT packets at a time: fewer
             // means the socket had no more, and asking again is a wasted read.
-            if read < READB_COUNT || batch.as_ref().is_none_or(|b| b.len() >= MAX_BATCH) {
+            if read < READB_COUNT
+                || batch
+                    .as_ref()
+                    .is_none_or(|b| b.len() >= MAX_BATCH || b.bytes() >= MAX_BATCH_BYTES)
+            {
                 break;
             }
             read = 0;

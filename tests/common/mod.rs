@@ -85,6 +85,15 @@ pub fn require_kafka() {
 }
 
 /// Fails the test, naming `scripts/stack up`, unless the MQTT broker accepts TCP.
+/// Fails (never skips) when the test-only failpoints are not built in.
+/// (The simulators package shares this file and has no such feature.)
+#[allow(unexpected_cfgs, dead_code)]
+pub fn require_failpoints() {
+    if !cfg!(feature = "failpoints") {
+        panic!("this test needs the test-only failpoints: run scripts/test, or cargo test --features failpoints");
+    }
+}
+
 pub fn require_mqtt() {
     let (host, port) = mqtt_host_port();
     require_tcp("Mosquitto (MQTT)", &format!("{host}:{port}"));
