@@ -61,6 +61,21 @@ pub fn load<T: DeserializeOwned>(
         .map_err(|e| err(describe_config_error(&e, prefix)))
 }
 
+/// TOML text deserialized into `T` the way [`load`] does it, without the file
+/// and the environment (the fuzz target of the config loader).
+#[doc(hidden)]
+pub fn from_toml<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigError> {
+    let err = |message: String| ConfigError {
+        origin: origin.to_string(),
+        message,
+    };
+    config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .build()
+        .and_then(|c| c.try_deserialize::<T>())
+        .map_err(|e| err(describe_config_error(&e, "GATEWAY")))
+}
+
 fn describe_config_error(e: &config::ConfigError, prefix: &str) -> String {
     let text = e.to_string();
     // The config crate reports unknown keys without saying that an environment

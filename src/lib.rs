@@ -31,6 +31,7 @@ pub mod cli;
 pub mod config;
 pub mod devices;
 pub mod fleet;
+pub mod fuzzing;
 pub mod gateway;
 pub mod guard;
 pub mod http;

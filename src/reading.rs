@@ -464,6 +464,53 @@ fn plain_fields(text: &str) -> Option<Fields<'_>> {
     })
 }
 
+/// For the fuzz targets: the fast path's result (`None` when it declines) and
+/// the general path's, for the same text.
+#[doc(hidden)]
+#[allow(clippy::type_complexity)]
+pub fn both_paths<'a>(
+    text: &'a str,
+    topic_device: Option<&'a str>,
+    received_ms: i64,
+    limits: &Limits,
+) -> (
+    Option<Result<ReadingRef<'a>, Rejection>>,
+    Result<ReadingRef<'a>, Rejection>,
+) {
+    let fast = plain_fields(text).map(|f| finish(f, topic_device, received_ms, limits));
+    (fast, parse_general(text, topic_device, received_ms, limits))
+}
+
+/// The fields a reading has, as values, skipping the others the way the fast
+/// path does. A `Value` tree refuses a whole document for a number out of
+/// f64's range anywhere (`{"t ":1e5601008}`), while skipping a field does
+/// not look at its number: found by the fuzzer, the two paths disagreed.
+fn known_fields(text: &str) -> Option<Value> {
+    #[derive(Deserialize)]
+    struct Known {
+        device_id: Option<Value>,
+        temperature: Option<Value>,
+        humidity: Option<Value>,
+        seq: Option<Value>,
+        ts: Option<Value>,
+    }
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    let k: Known = serde_json::from_str(text).ok()?;
+    let map: Map<String, Value> = [
+        ("device_id", k.device_id),
+        ("temperature", k.temperature),
+        ("humidity", k.humidity),
+        ("seq", k.seq),
+        ("ts", k.ts),
+    ]
+    .into_iter()
+    .filter_map(|(name, v)| Some((name.to_string(), v?)))
+    .collect();
+    Some(Value::Object(map))
+}
+
 /// Any payload, through a `Value` tree: every rejection explained.
 fn parse_general<'a>(
     text: &str,
@@ -473,13 +520,15 @@ fn parse_general<'a>(
 ) -> Result<ReadingRef<'a>, Rejection> {
     let value: Value = match serde_json::from_str(text) {
         Ok(v) => v,
-        // Python's json.dumps writes NaN/Infinity as bare tokens; explain those as
-        // not finite instead of as malformed.
-        Err(e) => match quote_non_finite_tokens(text) {
-            Some(fixed) => {
-                serde_json::from_str(&fixed).map_err(|_| Rejection::MalformedJson(e.to_string()))?
-            }
-            None => return Err(Rejection::MalformedJson(e.to_string())),
+        Err(e) => match known_fields(text) {
+            Some(v) => v,
+            // Python's json.dumps writes NaN/Infinity as bare tokens; explain
+            // those as not finite instead of as malformed.
+            None => match quote_non_finite_tokens(text) {
+                Some(fixed) => serde_json::from_str(&fixed)
+                    .map_err(|_| Rejection::MalformedJson(e.to_string()))?,
+                None => return Err(Rejection::MalformedJson(e.to_string())),
+            },
         },
     };
     let obj = match &value {
@@ -1042,6 +1091,19 @@ mod tests {
             ),
             "not_finite"
         );
+    }
+
+    /// Found by the fuzzer (fuzz/corpus/reading): the fast path skipped a
+    /// number out of f64's range in a field it does not read and accepted,
+    /// the general path refused the document as malformed.
+    #[test]
+    fn regression_a_huge_number_in_another_field_is_ignored_on_both_paths() {
+        let text = r#"{"temperature":"22","humidity":" 07.5 ","seq":"3","t ":17672e5601004}"#;
+        let (fast, general) = both_paths(text, Some("d"), NOW, &Limits::default());
+        assert_eq!(fast, Some(general.clone()));
+        assert_eq!(general.map(|r| r.humidity), Ok(7.5));
+        // In a field it reads, both refuse it.
+        assert_eq!(code(br#"{"temperature":1e400,"humidity":2}"#, Some("d")), "malformed_json");
     }
 
     #[test]

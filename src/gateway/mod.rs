@@ -790,15 +790,7 @@ impl Pipeline {
     }
 
     fn device_from_topic<'a>(&self, topic: &'a str) -> Option<&'a str> {
-        let segment = match self.cfg.mqtt.device_id_segment {
-            Some(s) => s,
-            None => self
-                .plus_segments
-                .iter()
-                .find(|(f, _)| topic_matches(f, topic))
-                .and_then(|(_, seg)| *seg)?,
-        };
-        topic_level(topic, segment)
+        device_in_topic(&self.plus_segments, self.cfg.mqtt.device_id_segment, topic)
     }
 
     fn on_message(&mut self, m: &Incoming<'_>) {
@@ -915,8 +907,26 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
     t.next().is_none()
 }
 
+/// The device id in an MQTT topic: level `segment` when configured, else the
+/// level of the `+` of the first filter (with its `+` position) it matches.
+/// Checked afterwards by `reading::check_device_id`.
+pub fn device_in_topic<'a>(
+    filters: &[(String, Option<usize>)],
+    segment: Option<usize>,
+    topic: &'a str,
+) -> Option<&'a str> {
+    let segment = match segment {
+        Some(s) => s,
+        None => filters
+            .iter()
+            .find(|(f, _)| topic_matches(f, topic))
+            .and_then(|(_, seg)| *seg)?,
+    };
+    topic_level(topic, segment)
+}
+
 /// Level `n` (from 0) of `topic`.
-fn topic_level(topic: &str, n: usize) -> Option<&str> {
+pub fn topic_level(topic: &str, n: usize) -> Option<&str> {
     let mut start = 0;
     let mut level = 0;
     for (i, b) in topic.bytes().enumerate() {

@@ -1,0 +1,3 @@
+#![no_main]
+// The target's checks: iot_gateway::fuzzing::config (src/fuzzing.rs).
+libfuzzer_sys::fuzz_target!(|data: &[u8]| iot_gateway::fuzzing::config(data));
