@@ -9,7 +9,9 @@ use std::path::Path;
 use iot_gateway::gateway::spool::format::{self, Record};
 
 fn write(target: &str, data: &[u8]) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
     std::fs::create_dir_all(&dir).expect("corpus dir");
     let name = format!("seed-{:08x}", crc32c::crc32c(data));
     std::fs::write(dir.join(name), data).expect("seed");
@@ -24,9 +26,13 @@ fn record(n: u64, dlq: bool) -> Record {
         key: (n % 4 != 0).then(|| format!("dev-{n}").into_bytes()),
         headers: vec![
             ("schema".into(), b"1".as_slice().into()),
-            ("source".into(), b"sensors/dev-1/telemetry".as_slice().into()),
+            (
+                "source".into(),
+                b"sensors/dev-1/telemetry".as_slice().into(),
+            ),
         ],
-        value: format!(r#"{{"device_id":"dev-{n}","humidity":40,"temperature":21.5}}"#).into_bytes(),
+        value: format!(r#"{{"device_id":"dev-{n}","humidity":40,"temperature":21.5}}"#)
+            .into_bytes(),
         ..Record::default()
     }
 }
@@ -90,9 +96,14 @@ fn main() {
     two.extend_from_slice(&body[..10]);
     write("spool_recovery", &two);
     for name in ["gateway.toml", "aggregator.toml"] {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs").join(name);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("configs")
+            .join(name);
         write("config", &std::fs::read(path).expect("sample config"));
     }
-    write("config", b"[mqtt]\nurl = \"mqtt://u:p@h:1\"\n[aggregation]\nwindow_secs = 18446744073709551615\n");
+    write(
+        "config",
+        b"[mqtt]\nurl = \"mqtt://u:p@h:1\"\n[aggregation]\nwindow_secs = 18446744073709551615\n",
+    );
     println!("seeds written to fuzz/corpus/");
 }

@@ -52,7 +52,9 @@ pub fn reading(data: &[u8]) {
             if let Some(fast) = fast {
                 match (&fast, &general) {
                     (Ok(a), Ok(b)) => assert_eq!(a, b, "paths disagree on {text:?}"),
-                    (Err(a), Err(b)) => assert_eq!(a.code(), b.code(), "paths disagree on {text:?}"),
+                    (Err(a), Err(b)) => {
+                        assert_eq!(a.code(), b.code(), "paths disagree on {text:?}")
+                    }
                     _ => panic!("paths disagree on {text:?}: {fast:?} vs {general:?}"),
                 }
             }
@@ -125,14 +127,19 @@ pub fn aggregator(data: &[u8]) {
 /// the id found is a level of the topic, and checking it never panics.
 pub fn topic(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    let (filters, topic) = text.split_once('\n').unwrap_or(("sensors/+/telemetry", &text));
+    let (filters, topic) = text
+        .split_once('\n')
+        .unwrap_or(("sensors/+/telemetry", &text));
     let filters: Vec<(String, Option<usize>)> = filters
         .split(' ')
         .map(|f| (f.to_string(), f.split('/').position(|s| s == "+")))
         .collect();
     for segment in [None, Some(0), Some(1), Some(7)] {
         if let Some(id) = crate::gateway::device_in_topic(&filters, segment, topic) {
-            assert!(topic.split('/').any(|l| l == id), "{id:?} not a level of {topic:?}");
+            assert!(
+                topic.split('/').any(|l| l == id),
+                "{id:?} not a level of {topic:?}"
+            );
             let _ = reading::check_device_id(id);
         }
     }
@@ -192,7 +199,9 @@ pub fn spool_recovery(data: &[u8]) {
     let count = rest.first().map_or(0, |c| usize::from(c % 5));
     rest = rest.get(1..).unwrap_or_default();
     for _ in 0..count {
-        let [base, l0, l1, tail @ ..] = rest else { break };
+        let [base, l0, l1, tail @ ..] = rest else {
+            break;
+        };
         let len = usize::from(u16::from_le_bytes([*l0, *l1])).min(tail.len());
         let (body, more) = tail.split_at(len);
         let mut seg = format::segment_header(u64::from(*base), NOW).to_vec();
@@ -229,7 +238,9 @@ pub fn spool_recovery(data: &[u8]) {
                 assert!(last.is_none_or(|l| offset > l), "offsets go forward");
                 last = Some(offset);
                 assert!(
-                    files.iter().any(|f| f.windows(bytes.len()).any(|w| w == bytes)),
+                    files
+                        .iter()
+                        .any(|f| f.windows(bytes.len()).any(|w| w == bytes)),
                     "recovery returned a record that is not in the input"
                 );
             }

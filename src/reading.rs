@@ -1103,7 +1103,10 @@ mod tests {
         assert_eq!(fast, Some(general.clone()));
         assert_eq!(general.map(|r| r.humidity), Ok(7.5));
         // In a field it reads, both refuse it.
-        assert_eq!(code(br#"{"temperature":1e400,"humidity":2}"#, Some("d")), "malformed_json");
+        assert_eq!(
+            code(br#"{"temperature":1e400,"humidity":2}"#, Some("d")),
+            "malformed_json"
+        );
     }
 
     #[test]

@@ -357,6 +357,26 @@ async fn known_readings_give_exact_aggregates_and_garbage_is_counted() {
     let (status, list) = agg.json("/api/devices");
     assert_eq!(status, 200);
     assert_eq!(list["count"], 3);
+    assert_eq!(list["next_cursor"], serde_json::Value::Null);
+    // Pages, by device id.
+    let (_, p1) = agg.json("/api/devices?limit=2");
+    assert_eq!(
+        (p1["count"].clone(), p1["total"].clone()),
+        (2.into(), 3.into())
+    );
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v["devices"]
+            .as_array()
+            .expect("devices")
+            .iter()
+            .map(|d| d["device_id"].as_str().expect("id").to_string())
+            .collect()
+    };
+    assert_eq!(ids(&p1), ["d1", "d2"]);
+    assert_eq!(p1["next_cursor"], "d2");
+    let (_, p2) = agg.json("/api/devices?limit=2&cursor=d2");
+    assert_eq!(ids(&p2), ["d3"]);
+    assert_eq!(p2["next_cursor"], serde_json::Value::Null);
     let (status, stats) = agg.json("/api/stats");
     assert_eq!(status, 200);
     assert_eq!(stats["consumed"], total);

@@ -8,7 +8,9 @@ use std::path::Path;
 use iot_gateway::fuzzing;
 
 fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
     let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e} (scripts/fuzz writes it)", dir.display()))
         .filter_map(|e| e.ok())
@@ -43,7 +45,12 @@ fn every_committed_corpus_input_passes_its_target() {
 /// (issue 23: a 2-byte MQTT payload crash-looped the gateway).
 #[test]
 fn regression_reading_non_ascii_outside_a_json_string() {
-    for payload in ["\u{e9}", "{\u{201c}temperature\u{201d}:21}", "21\u{b0}C", "{\"t\": 21} \u{e9}"] {
+    for payload in [
+        "\u{e9}",
+        "{\u{201c}temperature\u{201d}:21}",
+        "21\u{b0}C",
+        "{\"t\": 21} \u{e9}",
+    ] {
         let mut data = vec![1u8];
         data.extend_from_slice(payload.as_bytes());
         fuzzing::reading(&data);

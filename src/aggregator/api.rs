@@ -57,31 +57,114 @@ struct DeviceSummary<'a> {
 }
 
 fn summary<'a>(id: &'a str, d: &DeviceState, online: bool) -> DeviceSummary<'a> {
-    DeviceSummary {
-        device_id: id,
-        temperature: d.temperature,
-        humidity: d.humidity,
-        dew_point: round2(d.dew_point()),
-        last_seen: crate::reading::format_ts(d.last_ts_ms),
-        count: d.count,
-        online,
-        partition: d.partition,
-    }
+    summary_values(d, online).with_id(id)
 }
 
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-async fn list(State(shared): State<Arc<Shared>>) -> Response {
-    let state = shared.state();
+/// A page of `GET /api/devices`, by device id.
+#[derive(Deserialize)]
+struct ListQuery {
+    /// Devices per page ([`DEFAULT_PAGE`], at most [`MAX_PAGE`]).
+    limit: Option<usize>,
+    /// The last device id of the previous page (`next_cursor`).
+    cursor: Option<String>,
+}
+
+pub const DEFAULT_PAGE: usize = 1000;
+pub const MAX_PAGE: usize = 10_000;
+
+/// Devices sorted by id, a page at a time. Under the state lock it only picks
+/// the page (one pass keeping the `limit` smallest ids after the cursor) and
+/// copies those; the JSON is written after the lock is released.
+async fn list(State(shared): State<Arc<Shared>>, Query(q): Query<ListQuery>) -> Response {
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
     let now = super::now_ms();
-    let devices: Vec<DeviceSummary<'_>> = state
-        .sorted()
-        .into_iter()
-        .map(|(id, d)| summary(id, d, state.is_online(d, now)))
-        .collect();
-    Json(serde_json::json!({ "count": devices.len(), "devices": devices })).into_response()
+    let (total, page) = {
+        let state = shared.state();
+        let after = q.cursor.as_deref();
+        let mut ids: std::collections::BinaryHeap<&str> = std::collections::BinaryHeap::new();
+        for (id, _) in state.devices.iter() {
+            if after.is_some_and(|a| id <= a) {
+                continue;
+            }
+            if ids.len() < limit {
+                ids.push(id);
+            } else if ids.peek().is_some_and(|&top| id < top) {
+                ids.pop();
+                ids.push(id);
+            }
+        }
+        let page: Vec<OwnedSummary> = ids
+            .into_sorted_vec()
+            .into_iter()
+            .filter_map(|id| {
+                let d = state.devices.get(id)?;
+                Some(OwnedSummary {
+                    id: id.to_string(),
+                    d: summary_values(d, state.is_online(d, now)),
+                })
+            })
+            .collect();
+        (state.devices.len(), page)
+    };
+    let next = (page.len() == limit)
+        .then(|| page.last().map(|p| p.id.clone()))
+        .flatten();
+    let devices: Vec<DeviceSummary<'_>> = page.iter().map(|p| p.d.with_id(&p.id)).collect();
+    Json(serde_json::json!({
+        "count": devices.len(),
+        "total": total,
+        "devices": devices,
+        "next_cursor": next,
+    }))
+    .into_response()
+}
+
+/// A device's summary copied out of the state.
+struct OwnedSummary {
+    id: String,
+    d: SummaryValues,
+}
+
+#[derive(Clone, Copy)]
+struct SummaryValues {
+    temperature: f64,
+    humidity: f64,
+    dew_point: f64,
+    last_ts_ms: i64,
+    count: u64,
+    online: bool,
+    partition: i32,
+}
+
+impl SummaryValues {
+    fn with_id<'a>(&self, id: &'a str) -> DeviceSummary<'a> {
+        DeviceSummary {
+            device_id: id,
+            temperature: self.temperature,
+            humidity: self.humidity,
+            dew_point: self.dew_point,
+            last_seen: crate::reading::format_ts(self.last_ts_ms),
+            count: self.count,
+            online: self.online,
+            partition: self.partition,
+        }
+    }
+}
+
+fn summary_values(d: &DeviceState, online: bool) -> SummaryValues {
+    SummaryValues {
+        temperature: d.temperature,
+        humidity: d.humidity,
+        dew_point: round2(d.dew_point()),
+        last_ts_ms: d.last_ts_ms,
+        count: d.count,
+        online,
+        partition: d.partition,
+    }
 }
 
 #[derive(Deserialize)]

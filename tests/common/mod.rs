@@ -384,22 +384,25 @@ pub async fn consume_in(
 /// Device id -> count from an aggregator's `/api/devices` at `http` (empty
 /// while it does not answer).
 pub fn device_counts(http: &str) -> std::collections::BTreeMap<String, u64> {
-    let Ok((200, body)) = http_get(http, "/api/devices") else {
-        return Default::default();
-    };
-    let v: serde_json::Value =
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/api/devices: {e}: {body}"));
-    v["devices"]
-        .as_array()
-        .expect("devices")
-        .iter()
-        .map(|d| {
-            (
+    let mut out = std::collections::BTreeMap::new();
+    let mut path = "/api/devices".to_string();
+    loop {
+        let Ok((200, body)) = http_get(http, &path) else {
+            return Default::default();
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("/api/devices: {e}: {body}"));
+        for d in v["devices"].as_array().expect("devices") {
+            out.insert(
                 d["device_id"].as_str().expect("id").to_string(),
                 d["count"].as_u64().expect("count"),
-            )
-        })
-        .collect()
+            );
+        }
+        match v["next_cursor"].as_str() {
+            Some(c) => path = format!("/api/devices?cursor={c}"),
+            None => return out,
+        }
+    }
 }
 
 /// Header value as text (the gateway's own helper).
