@@ -701,15 +701,29 @@ fn check_ts(ts_ms: i64, received_ms: i64, limits: &Limits) -> Result<i64, Reject
             limit_secs: limits.max_future_secs,
         });
     }
-    if -delta_ms > past_ms {
+    // Saturating: `delta_ms` may be i64::MIN, whose negation overflows.
+    if delta_ms < past_ms.saturating_neg() || ts_ms < MIN_TS_MS {
         return Err(Rejection::TimestampTooOld {
             ts: format_ts(ts_ms),
-            behind_secs: -delta_ms / 1000,
+            behind_secs: delta_ms.saturating_neg() / 1000,
             limit_secs: limits.max_past_secs,
+        });
+    }
+    if ts_ms > MAX_TS_MS {
+        return Err(Rejection::TimestampInFuture {
+            ts: format_ts(ts_ms),
+            ahead_secs: delta_ms / 1000,
+            limit_secs: limits.max_future_secs,
         });
     }
     Ok(ts_ms)
 }
+
+/// Event times are kept between 1970-01-01 and 9999-12-31 whatever the limits
+/// (also with the limits lifted for an unsynchronised clock): RFC 3339 can
+/// write them, and so can every consumer.
+pub const MIN_TS_MS: i64 = 0;
+pub const MAX_TS_MS: i64 = 253_402_300_799_999;
 
 /// Rewrites bare `NaN`, `Infinity` and `-Infinity` tokens (outside strings) as
 /// strings, so they can be reported as not finite. `None` when there are none.
@@ -1107,6 +1121,17 @@ mod tests {
             code(br#"{"temperature":1e400,"humidity":2}"#, Some("d")),
             "malformed_json"
         );
+    }
+
+    /// `ts` = i64::MIN saturated the difference to i64::MIN, whose negation
+    /// overflowed (a panic in debug builds; accepted as valid in release).
+    #[test]
+    fn regression_ts_at_the_ends_of_i64_is_rejected_not_a_panic() {
+        for ts in [i64::MIN, i64::MIN + 1, i64::MAX, i64::MAX - 1] {
+            let p = format!(r#"{{"temperature":1,"humidity":2,"ts":{ts}}}"#);
+            let c = code(p.as_bytes(), Some("d"));
+            assert!(c == "ts_too_old" || c == "ts_in_future", "{ts}: {c}");
+        }
     }
 
     #[test]
