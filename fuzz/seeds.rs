@@ -20,10 +20,10 @@ fn write(target: &str, data: &[u8]) {
 fn record(n: u64, dlq: bool) -> Record {
     Record {
         received_ms: 1_767_225_600_000 + n as i64,
-        ts_ms: (n % 2 == 0).then_some(1_767_225_600_000),
+        ts_ms: n.is_multiple_of(2).then_some(1_767_225_600_000),
         dlq,
-        seq: (n % 3 != 0).then_some(n),
-        key: (n % 4 != 0).then(|| format!("dev-{n}").into_bytes()),
+        seq: (!n.is_multiple_of(3)).then_some(n),
+        key: (!n.is_multiple_of(4)).then(|| format!("dev-{n}").into_bytes()),
         headers: vec![
             ("schema".into(), b"1".as_slice().into()),
             (

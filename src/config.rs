@@ -205,6 +205,7 @@ pub struct GatewayConfig {
     pub http: HttpConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
+    pub clock: ClockConfig,
 }
 
 /// `[tracking]`: per-device state of the gateway (the last `seq`, for gap counts).
@@ -528,6 +529,15 @@ impl Default for LogConfig {
             level: "info".into(),
         }
     }
+}
+
+/// `[clock]`: whether the clock is trusted to judge device timestamps (see
+/// README "Clocks at the edge").
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClockConfig {
+    /// `auto` (the kernel's status), `assume_synced` or `assume_unsynced`.
+    pub sync: crate::clock::SyncMode,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -942,6 +952,7 @@ pub struct AggregatorConfig {
     pub metrics: AggregatorMetricsConfig,
     pub http: AggregatorHttpConfig,
     pub log: LogConfig,
+    pub clock: ClockConfig,
 }
 
 /// The aggregator's validation defaults: bigger payloads, no lower bound on
@@ -989,6 +1000,7 @@ impl Default for AggregatorConfig {
             metrics: AggregatorMetricsConfig::default(),
             http: AggregatorHttpConfig::default(),
             log: LogConfig::default(),
+            clock: ClockConfig::default(),
         }
     }
 }

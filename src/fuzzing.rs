@@ -107,6 +107,7 @@ pub fn aggregator(data: &[u8]) {
                 seq: r.seq,
                 partition: i32::from(*k % 3),
                 offset: i as i64,
+                future: *k & 0x80 != 0,
             });
             applied += 1;
         }

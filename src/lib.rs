@@ -28,6 +28,7 @@ pub const VERSION: &str = concat!(
 
 pub mod aggregator;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod devices;
 pub mod fleet;

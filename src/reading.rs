@@ -167,6 +167,7 @@ impl Reading {
     /// This reading seen as a [`ReadingRef`].
     pub fn view(&self) -> ReadingRef<'_> {
         ReadingRef {
+            ts_replaced: None,
             device_id: Cow::Borrowed(&self.device_id),
             temperature: self.temperature,
             humidity: self.humidity,
@@ -199,6 +200,10 @@ pub struct ReadingRef<'a> {
     pub humidity: f64,
     pub seq: Option<u64>,
     pub ts_ms: i64,
+    /// With [`TsPolicy::Replace`] or [`TsPolicy::Keep`]: the device's `ts`
+    /// could not be used (the rejection code it would have had, and the
+    /// device's value), so `ts_ms` is the receive time.
+    pub ts_replaced: Option<(&'static str, i64)>,
 }
 
 impl ReadingRef<'_> {
@@ -345,6 +350,31 @@ pub fn parse_ref<'a>(
     received_ms: i64,
     limits: &Limits,
 ) -> Result<ReadingRef<'a>, Rejection> {
+    parse_ref_with(payload, topic_device, received_ms, limits, TsPolicy::Reject)
+}
+
+/// What to do with a device `ts` (README "Clocks at the edge").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TsPolicy {
+    /// Outside `[received - max_past, received + max_future]`: rejected
+    /// (`ts_in_future` / `ts_too_old`).
+    Reject,
+    /// Outside that window: the reading keeps the receive time instead, and
+    /// says so in [`ReadingRef::ts_replaced`] (our clock is trusted).
+    Replace,
+    /// Kept as the device gave it (our clock is not trusted); only a `ts`
+    /// outside 1970..9999 is replaced by the receive time.
+    Keep,
+}
+
+/// [`parse_ref`] with a policy for the device's `ts`.
+pub fn parse_ref_with<'a>(
+    payload: &'a [u8],
+    topic_device: Option<&'a str>,
+    received_ms: i64,
+    limits: &Limits,
+    policy: TsPolicy,
+) -> Result<ReadingRef<'a>, Rejection> {
     if payload.len() > limits.max_payload_bytes {
         return Err(Rejection::PayloadTooLarge {
             size: payload.len(),
@@ -355,8 +385,8 @@ pub fn parse_ref<'a>(
         offset: e.valid_up_to(),
     })?;
     match plain_fields(text) {
-        Some(fields) => finish(fields, topic_device, received_ms, limits),
-        None => parse_general(text, topic_device, received_ms, limits),
+        Some(fields) => finish(fields, topic_device, received_ms, limits, policy),
+        None => parse_general(text, topic_device, received_ms, limits, policy),
     }
 }
 
@@ -477,8 +507,12 @@ pub fn both_paths<'a>(
     Option<Result<ReadingRef<'a>, Rejection>>,
     Result<ReadingRef<'a>, Rejection>,
 ) {
-    let fast = plain_fields(text).map(|f| finish(f, topic_device, received_ms, limits));
-    (fast, parse_general(text, topic_device, received_ms, limits))
+    let fast =
+        plain_fields(text).map(|f| finish(f, topic_device, received_ms, limits, TsPolicy::Reject));
+    (
+        fast,
+        parse_general(text, topic_device, received_ms, limits, TsPolicy::Reject),
+    )
 }
 
 /// The fields a reading has, as values, skipping the others the way the fast
@@ -517,6 +551,7 @@ fn parse_general<'a>(
     topic_device: Option<&'a str>,
     received_ms: i64,
     limits: &Limits,
+    policy: TsPolicy,
 ) -> Result<ReadingRef<'a>, Rejection> {
     let value: Value = match serde_json::from_str(text) {
         Ok(v) => v,
@@ -542,7 +577,7 @@ fn parse_general<'a>(
         seq: seq_field(obj),
         ts_ms: ts_field(obj),
     };
-    finish(fields, topic_device, received_ms, limits)
+    finish(fields, topic_device, received_ms, limits, policy)
 }
 
 /// Checks in a fixed order, so a payload with several faults is always
@@ -552,6 +587,7 @@ fn finish<'a>(
     topic_device: Option<&'a str>,
     received_ms: i64,
     limits: &Limits,
+    policy: TsPolicy,
 ) -> Result<ReadingRef<'a>, Rejection> {
     let device_id = match (topic_device, f.device_id?) {
         (Some(t), Some(p)) if t != p => {
@@ -581,9 +617,26 @@ fn finish<'a>(
         limits.humidity_max,
     )?;
     let seq = f.seq?;
-    let ts_ms = match f.ts_ms? {
-        None => received_ms,
-        Some(ts) => check_ts(ts, received_ms, limits)?,
+    let mut ts_replaced = None;
+    let ts_ms = match (f.ts_ms?, policy) {
+        (None, _) => received_ms,
+        (Some(ts), TsPolicy::Reject) => check_ts(ts, received_ms, limits)?,
+        (Some(ts), TsPolicy::Replace) => check_ts(ts, received_ms, limits).unwrap_or_else(|e| {
+            ts_replaced = Some((e.code(), ts));
+            received_ms
+        }),
+        (Some(ts), TsPolicy::Keep) if (MIN_TS_MS..=MAX_TS_MS).contains(&ts) => ts,
+        (Some(ts), TsPolicy::Keep) => {
+            ts_replaced = Some((
+                if ts < MIN_TS_MS {
+                    "ts_too_old"
+                } else {
+                    "ts_in_future"
+                },
+                ts,
+            ));
+            received_ms
+        }
     };
 
     Ok(ReadingRef {
@@ -592,6 +645,7 @@ fn finish<'a>(
         humidity,
         seq,
         ts_ms,
+        ts_replaced,
     })
 }
 
@@ -907,11 +961,15 @@ mod tests {
             (false, r#"{"temperature":20,"humidity":40"#),
         ];
         for (fast, text) in cases {
-            let general = parse_general(text, Some("dev-1"), NOW, &l);
+            let general = parse_general(text, Some("dev-1"), NOW, &l, TsPolicy::Reject);
             match plain_fields(text) {
                 Some(f) => {
                     assert!(fast, "fast path took {text}");
-                    assert_eq!(finish(f, Some("dev-1"), NOW, &l), general, "{text}");
+                    assert_eq!(
+                        finish(f, Some("dev-1"), NOW, &l, TsPolicy::Reject),
+                        general,
+                        "{text}"
+                    );
                 }
                 None => assert!(!fast, "fast path missed {text}"),
             }

@@ -7,110 +7,10 @@ mod common;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use common::{publish, reading, TestGateway as Gw};
 use rdkafka::message::Message;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
-
-struct Gw {
-    name: String,
-    topic: String,
-    dlq: String,
-    prefix: String,
-    http: String,
-    dir: std::path::PathBuf,
-}
-
-impl Gw {
-    async fn new(label: &str) -> Gw {
-        common::require_kafka();
-        common::require_mqtt();
-        let name = common::unique_name(label);
-        let g = Gw {
-            topic: format!("{name}.weather"),
-            dlq: format!("{name}.dlq"),
-            prefix: name.clone(),
-            http: format!("127.0.0.1:{}", common::free_port()),
-            dir: common::test_dir(&name),
-            name,
-        };
-        common::create_topic(&g.topic, 3).await;
-        common::create_topic(&g.dlq, 1).await;
-        g
-    }
-
-    fn start(&self, kafka: &str, log: &str) -> common::Child {
-        let env = common::GatewayEnv {
-            kafka,
-            client_id: &format!("gw-{}", self.name),
-            prefix: &self.prefix,
-            topic: &self.topic,
-            dlq: &self.dlq,
-            http: &self.http,
-            spool: &self.dir.join("spool"),
-        }
-        .vars();
-        let config = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/gateway.toml");
-        common::spawn(GATEWAY, &["run", "--config", config], &env, &self.dir, log)
-    }
-
-    fn metric(&self, name: &str) -> Option<f64> {
-        let (_, body) = common::http_get(&self.http, "/metrics").ok()?;
-        common::metric(&common::parse_prometheus(&body), name, &[])
-    }
-
-    /// Waits until subscribed (tolerant of HTTP not listening yet).
-    async fn wait_subscribed(&self, gw: &mut common::Child) {
-        let ok = common::eventually(Duration::from_secs(30), || {
-            self.metric("gateway_mqtt_connected") == Some(1.0)
-        })
-        .await;
-        assert!(
-            ok && gw.is_running(),
-            "not subscribed; log:\n{}",
-            gw.log_text()
-        );
-    }
-
-    fn mqtt_topic(&self, device: &str) -> String {
-        format!("{}/{device}/telemetry", self.prefix)
-    }
-}
-
-/// Publishes with QoS 1 and waits for the broker's PUBACKs.
-async fn publish(msgs: Vec<(String, Vec<u8>)>) {
-    let (host, port) = common::mqtt_host_port();
-    let mut opts = MqttOptions::new(common::unique_name("pub"), host, port);
-    opts.set_keep_alive(Duration::from_secs(30))
-        .set_max_packet_size(4 << 20, 4 << 20)
-        .set_inflight(100);
-    let (client, mut el) = AsyncClient::new(opts, 100);
-    let n = msgs.len();
-    let sender = tokio::spawn(async move {
-        for (t, p) in msgs {
-            client
-                .publish(t, QoS::AtLeastOnce, false, p)
-                .await
-                .expect("publish");
-        }
-        client
-    });
-    let mut acked = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while acked < n {
-        match tokio::time::timeout_at(deadline, el.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("publisher: {e}"),
-            Err(_) => panic!("only {acked} of {n} publishes acknowledged"),
-        }
-    }
-    let _ = sender.await.expect("sender").disconnect().await;
-}
-
-fn reading(seq: u64) -> Vec<u8> {
-    format!(r#"{{"temperature":21.5,"humidity":40,"seq":{seq}}}"#).into_bytes()
-}
 
 /// Peak resident memory of a process, KiB (VmHWM).
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -131,7 +31,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_of_300_oversized_payloads_is_dead_lettered_in_bounded_memory() {
     let g = Gw::new("hostile-burst").await;
-    let mut gw = g.start(&common::kafka_bootstrap(), "gateway");
+    let mut gw = g.start(GATEWAY, &common::kafka_bootstrap(), "gateway");
     g.wait_subscribed(&mut gw).await;
     let big: Vec<u8> = (0..1_900_000u32).map(|i| b'a' + (i % 26) as u8).collect();
     let mut msgs: Vec<(String, Vec<u8>)> = (0..300)
@@ -172,7 +72,7 @@ async fn a_burst_of_300_oversized_payloads_is_dead_lettered_in_bounded_memory() 
 #[tokio::test(flavor = "multi_thread")]
 async fn half_open_http_connections_do_not_stop_the_server_or_the_spool() {
     let g = Gw::new("hostile-http").await;
-    let mut gw = g.start(&common::kafka_bootstrap(), "gateway");
+    let mut gw = g.start(GATEWAY, &common::kafka_bootstrap(), "gateway");
     g.wait_subscribed(&mut gw).await;
     let mut held = Vec::new();
     for _ in 0..1_100 {
@@ -248,7 +148,7 @@ async fn a_64_mib_garbage_tail_is_cut_in_seconds_and_the_spool_drains() {
     let g = Gw::new("hostile-tail").await;
     // Spool 20 readings while Kafka is unreachable.
     let dead_kafka = format!("127.0.0.1:{}", common::free_port());
-    let mut gw = g.start(&dead_kafka, "gateway-no-kafka");
+    let mut gw = g.start(GATEWAY, &dead_kafka, "gateway-no-kafka");
     g.wait_subscribed(&mut gw).await;
     publish((1..=20).map(|i| (g.mqtt_topic("d1"), reading(i))).collect()).await;
     let spooled = common::eventually(Duration::from_secs(30), || {
@@ -282,7 +182,7 @@ async fn a_64_mib_garbage_tail_is_cut_in_seconds_and_the_spool_drains() {
     drop(f);
 
     let t = Instant::now();
-    let mut gw = g.start(&common::kafka_bootstrap(), "gateway");
+    let mut gw = g.start(GATEWAY, &common::kafka_bootstrap(), "gateway");
     // HTTP listens once the spool is recovered.
     let up = common::eventually(Duration::from_secs(60), || {
         common::http_get(&g.http, "/healthz").is_ok()

@@ -25,6 +25,9 @@ pub struct AggregatorMetrics {
     pub consume_errors: IntCounter,
     applied: IntCounter,
     late: IntCounter,
+    future: IntCounter,
+    /// 1 synchronised, 0 not, -1 unknown (trusted).
+    pub clock_synchronized: IntGauge,
     evicted: IntCounter,
     skipped: HashMap<&'static str, IntCounter>,
     temperature: Histogram,
@@ -111,6 +114,22 @@ impl AggregatorMetrics {
                 )
                 .expect("valid metric"),
             ),
+            future: reg(
+                &r,
+                IntCounter::new(
+                    "aggregator_readings_future_total",
+                    "Applied readings whose ts was ahead of this synchronised clock by more than validation.max_future_secs: counted, but neither the device's last value nor in a window.",
+                )
+                .expect("valid metric"),
+            ),
+            clock_synchronized: reg(
+                &r,
+                IntGauge::new(
+                    "aggregator_clock_synchronized",
+                    "1 while the system clock is synchronised, 0 while it is not (then no ts is judged ahead of it), -1 when the status cannot be read (trusted).",
+                )
+                .expect("valid metric"),
+            ),
             evicted: reg(
                 &r,
                 IntCounter::new(
@@ -179,6 +198,14 @@ impl AggregatorMetrics {
         if late {
             self.late.inc();
         }
+        self.temperature.observe(temperature);
+        self.humidity.observe(humidity);
+    }
+
+    /// Applied, with a `ts` ahead of our clock (not a last value, no window).
+    pub fn applied_future(&self, temperature: f64, humidity: f64) {
+        self.applied.inc();
+        self.future.inc();
         self.temperature.observe(temperature);
         self.humidity.observe(humidity);
     }

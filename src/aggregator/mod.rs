@@ -120,15 +120,16 @@ impl ConsumerContext for RebalanceContext {
 
 type AggConsumer = BaseConsumer<RebalanceContext>;
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
+pub(crate) use crate::clock::now_ms;
 
 /// Runs until `shutdown` is cancelled; then commits stored offsets and returns.
 pub async fn run(
     cfg: AggregatorConfig,
     shutdown: CancellationToken,
 ) -> Result<(), AggregatorError> {
+    let clock_stop = CancellationToken::new();
+    crate::clock::watch(cfg.clock.sync, clock_stop.clone());
+    let _stop_clock = clock_stop.drop_guard();
     let shared = Arc::new(Shared {
         state: Mutex::new(State::new(cfg.aggregation.clone())),
         assigned: Mutex::new(BTreeSet::new()),
@@ -248,9 +249,19 @@ fn parse_record(msg: &BorrowedMessage<'_>, limits: &reading::Limits) -> Parsed {
     // against the wall clock (a future-dated record would freeze the device).
     let now = now_ms();
     let received = msg.timestamp().to_millis().map_or(now, |t| t.min(now));
+    // Our own clock judges `ts` only while it is synchronised (README
+    // "Clocks at the edge"); a `ts` ahead of it is counted, not trusted.
+    let policy = if crate::clock::synced() {
+        reading::TsPolicy::Replace
+    } else {
+        reading::TsPolicy::Keep
+    };
     let parsed = crate::guard::catch(|| {
         crate::guard::failpoint("parse", payload);
-        reading::parse(payload, key, received, limits)
+        reading::parse_ref_with(payload, key, received, limits, policy).map(|r| {
+            let future = matches!(r.ts_replaced, Some(("ts_in_future", _)));
+            (r.to_owned(), future)
+        })
     })
     .unwrap_or_else(|panic| {
         tracing::error!(
@@ -263,7 +274,8 @@ fn parse_record(msg: &BorrowedMessage<'_>, limits: &reading::Limits) -> Parsed {
         Err(reading::Rejection::Internal(panic))
     });
     match parsed {
-        Ok(r) => Ok(Applied {
+        Ok((r, future)) => Ok(Applied {
+            future,
             device: r.device_id,
             temperature: r.temperature,
             humidity: r.humidity,
@@ -379,6 +391,7 @@ fn apply_batch(shared: &Shared, batch: &mut [(i32, i64, Parsed)], stored: &mut H
         match state.apply(r) {
             Outcome::Applied => m.applied(t, h, false),
             Outcome::AppliedLate => m.applied(t, h, true),
+            Outcome::AppliedFuture => m.applied_future(t, h),
             Outcome::ReplayedOffset => m.skipped("replayed_offset"),
             Outcome::DuplicateSeq => m.skipped("duplicate_seq"),
         }
@@ -400,6 +413,10 @@ async fn lag_loop(
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
+        shared
+            .metrics
+            .clock_synchronized
+            .set(crate::clock::status().gauge());
         let applied = shared.metrics.applied_count();
         let now = std::time::Instant::now();
         let rate = (applied - last.0) as f64 / (now - last.1).as_secs_f64().max(1e-3);

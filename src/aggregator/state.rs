@@ -151,6 +151,10 @@ pub struct Applied {
     pub seq: Option<u64>,
     pub partition: i32,
     pub offset: i64,
+    /// Its `ts` is ahead of our synchronised clock past the margin: counted,
+    /// but not the device's last value and in no window (an honest device
+    /// with a wrong clock must not freeze the others' view of it).
+    pub future: bool,
 }
 
 /// What applying a reading did.
@@ -159,6 +163,8 @@ pub enum Outcome {
     Applied,
     /// Counted, but its window was already closed.
     AppliedLate,
+    /// Counted, but dated ahead of our clock (see [`Applied::future`]).
+    AppliedFuture,
     /// At or below the partition's applied offset: a replay.
     ReplayedOffset,
     /// `seq` not newer than the device's last one (within the replay window).
@@ -208,7 +214,9 @@ impl State {
             partition: r.partition,
             temperature: r.temperature,
             humidity: r.humidity,
-            last_ts_ms: r.ts_ms,
+            // Known only from a future-dated reading: no trusted time yet
+            // (offline, and the next reading becomes its last value).
+            last_ts_ms: if r.future { 0 } else { r.ts_ms },
             count: 0,
             last_seq: None,
             jumped: false,
@@ -251,6 +259,9 @@ impl State {
         }
         d.partition = r.partition;
         d.count += 1;
+        if r.future {
+            return Outcome::AppliedFuture;
+        }
         // Last values are by event time: an older reading arriving late does not
         // replace them (a new device starts with this reading's ts).
         if r.ts_ms >= d.last_ts_ms {
@@ -344,6 +355,7 @@ mod tests {
             seq,
             partition: 0,
             offset,
+            future: false,
         }
     }
 
@@ -492,6 +504,23 @@ mod tests {
         assert_eq!(apply(&mut s, 499), Outcome::Applied);
         assert_eq!(apply(&mut s, 300), Outcome::DuplicateSeq);
         assert_eq!(s.devices["a"].count, 8);
+    }
+
+    /// Issue 27: a reading dated ahead of our clock is counted, but neither
+    /// the last value nor in a window, also when it is the device's first.
+    #[test]
+    fn a_future_dated_reading_never_becomes_the_last_value() {
+        let mut s = State::new(AggregationConfig::default());
+        let future = |t, offset| Applied {
+            future: true,
+            ..r("a", t, 1.0, 9_000_000, None, offset)
+        };
+        assert_eq!(s.apply(future(80.0, 0)), Outcome::AppliedFuture);
+        assert_eq!(s.apply(r("a", 21.0, 1.0, 1_000, None, 1)), Outcome::Applied);
+        assert_eq!(s.apply(future(90.0, 2)), Outcome::AppliedFuture);
+        let d = &s.devices["a"];
+        assert_eq!((d.temperature, d.last_ts_ms, d.count), (21.0, 1_000, 3));
+        assert_eq!(d.windows().map(|w| w.count).sum::<u64>(), 1);
     }
 
     /// Issue 23: one record with a forged `seq` far ahead made the device's

@@ -68,6 +68,11 @@ struct Retry {
 struct Sent {
     id: u64,
     received_ms: i64,
+    /// Its age by the wall clock when handed to Kafka (clamped at 0), and
+    /// when (monotonic): latency and age are `waited + handed.elapsed()`, so
+    /// a clock step while it is in flight does not distort them.
+    waited_ms: u64,
+    handed: std::time::Instant,
     /// (partition, offset) in the topic, once acknowledged there.
     at: Option<(i32, i64)>,
     settled: bool,
@@ -111,6 +116,9 @@ pub struct Forwarder {
     kept: VecDeque<(u64, Batch)>,
     pool: BufPool,
     ids: IdPool,
+    /// The wall and monotonic clocks at this wake-up (read once for all the
+    /// records it hands over).
+    now: (i64, std::time::Instant),
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -155,6 +163,7 @@ impl Forwarder {
             kept: VecDeque::new(),
             pool: BufPool::default(),
             ids: IdPool::default(),
+            now: (crate::clock::now_ms(), std::time::Instant::now()),
         }
     }
 
@@ -227,10 +236,10 @@ impl Forwarder {
             tokio::select! {
                 biased;
                 Some(r) = reports.recv() => {
-                    let now_ms = chrono::Utc::now().timestamp_millis();
-                    self.on_report(r, now_ms);
+                    let now = std::time::Instant::now();
+                    self.on_report(r, now);
                     while let Ok(r) = reports.try_recv() {
-                        self.on_report(r, now_ms);
+                        self.on_report(r, now);
                     }
                     self.deliveries.flush();
                 }
@@ -242,13 +251,17 @@ impl Forwarder {
                 // The pipeline holds at most the window unsettled, so a whole
                 // batch fits.
                 item = recv_memory(&mut memory), if room => match item {
-                    Some(batch) => self.forward_batch(batch),
+                    Some(batch) => {
+                        self.now = (crate::clock::now_ms(), std::time::Instant::now());
+                        self.forward_batch(batch);
+                    }
                     None => memory = None,
                 },
                 _ = retry_tick.tick(), if !self.retries.is_empty() => self.resend_due(),
                 _ = housekeeping.tick() => self.housekeeping(spool.as_ref(), dir.as_deref()).await?,
                 _ = sleep_until(deadline), if draining => break,
             }
+            self.now = (crate::clock::now_ms(), std::time::Instant::now());
             self.settle(settled.as_ref());
             if let Some(r) = &mut reader {
                 if !draining {
@@ -327,9 +340,12 @@ impl Forwarder {
 
     fn start(&mut self, rec: &RecordRef<'_>) {
         let reason = self.reason(rec);
+        let (wall, mono) = self.now;
         self.in_flight.push_back(Sent {
             id: rec.offset,
             received_ms: rec.received_ms,
+            waited_ms: u64::try_from(wall.saturating_sub(rec.received_ms)).unwrap_or(0),
+            handed: mono,
             at: None,
             settled: false,
             dlq: rec.dlq,
@@ -457,7 +473,7 @@ impl Forwarder {
             .ok()
     }
 
-    fn on_report(&mut self, r: Report, now_ms: i64) {
+    fn on_report(&mut self, r: Report, now: std::time::Instant) {
         if r.generation != self.generation {
             return; // from a replaced producer: its records were sent again
         }
@@ -473,9 +489,9 @@ impl Forwarder {
                     self.metrics
                         .security
                         .cleared("kafka", &crate::security::SecurityKind::ALL);
-                    let ms = now_ms - s.received_ms;
-                    self.deliveries
-                        .delivered(Duration::from_millis(ms.max(0) as u64));
+                    let latency = Duration::from_millis(s.waited_ms)
+                        + now.saturating_duration_since(s.handed);
+                    self.deliveries.delivered(latency);
                 }
                 let dlq = s.dlq;
                 self.settle_at(i, (!dlq).then_some(at));
@@ -625,8 +641,13 @@ impl Forwarder {
         self.metrics
             .kafka_queue_depth
             .set(kafka::queue_depth(&self.producer));
-        let now = chrono::Utc::now().timestamp_millis();
-        let oldest = self.in_flight.front().map(|e| e.received_ms);
+        self.metrics
+            .clock_synchronized
+            .set(crate::clock::status().gauge());
+        let oldest = self
+            .in_flight
+            .front()
+            .map(|e| Duration::from_millis(e.waited_ms) + e.handed.elapsed());
         let Some(spool) = spool else {
             return Ok(());
         };
@@ -665,10 +686,7 @@ impl Forwarder {
         self.checkpointed = acked;
         self.positions_changed &= !saved;
         let (bytes, segments, records) = stats;
-        let age = match oldest {
-            Some(ms) => (now - ms).max(0) as f64 / 1000.0,
-            None => 0.0,
-        };
+        let age = oldest.map_or(0.0, |d| d.as_secs_f64());
         self.metrics.spool_gauges(bytes, segments, records, age);
         Ok(())
     }

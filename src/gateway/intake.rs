@@ -24,13 +24,22 @@ pub enum Intake<'a> {
 }
 
 /// Validates `m` (device id from the topic or the source).
-/// `dlq_max_payload` is `None` when the DLQ is disabled.
+/// `dlq_max_payload` is `None` when the DLQ is disabled. `clock_synced`: our
+/// clock may judge the device's `ts` (else it is kept; README "Clocks at the
+/// edge"). Either way a `ts` that cannot be used is replaced by the receive
+/// time (`ReadingRef::ts_replaced`), never a reason to dead-letter.
 pub fn intake<'a>(
     m: &Incoming<'a>,
     topic_device: Option<&'a str>,
     limits: &Limits,
     dlq_max_payload: Option<usize>,
+    clock_synced: bool,
 ) -> Intake<'a> {
+    let policy = if clock_synced {
+        reading::TsPolicy::Replace
+    } else {
+        reading::TsPolicy::Keep
+    };
     let parsed = crate::guard::catch(|| {
         crate::guard::failpoint("intake", m.payload);
         if m.size > limits.max_payload_bytes {
@@ -40,7 +49,7 @@ pub fn intake<'a>(
                 limit: limits.max_payload_bytes,
             });
         }
-        reading::parse_ref(m.payload, topic_device, m.received_ms, limits)
+        reading::parse_ref_with(m.payload, topic_device, m.received_ms, limits, policy)
     });
     let parsed = parsed.unwrap_or_else(|panic| {
         tracing::error!(
@@ -82,13 +91,24 @@ pub struct Encoder {
     received_at: String,
     /// The receive time `received_at` holds the text of.
     received_ms: Option<i64>,
+    /// The `device_ts` header's text.
+    device_ts: String,
 }
 
 impl Encoder {
     /// Appends the record of the valid reading `r` (received as `m`) to
     /// `batch` with `id` as its offset: key = device id, value = canonical
-    /// JSON, headers `schema`, `source`, `received_at`, timestamp = `ts`.
-    pub fn reading(&mut self, r: &ReadingRef<'_>, m: &Incoming<'_>, id: u64, batch: &mut Batch) {
+    /// JSON, headers `schema`, `source`, `received_at` (and `clock=unsynced`
+    /// when `!clock_synced`; `ts_replaced` and `device_ts` when the device's
+    /// ts was not used), timestamp = `ts`.
+    pub fn reading(
+        &mut self,
+        r: &ReadingRef<'_>,
+        m: &Incoming<'_>,
+        id: u64,
+        batch: &mut Batch,
+        clock_synced: bool,
+    ) {
         self.value.clear();
         r.write_canonical_json(&mut self.value);
         // Readings received together share the time: formatted once.
@@ -97,11 +117,27 @@ impl Encoder {
             reading::write_ts(&mut self.received_at, m.received_ms);
             self.received_ms = Some(m.received_ms);
         }
-        let headers = [
+        self.device_ts.clear();
+        let mut headers = [
             ("schema", SCHEMA_VERSION.as_bytes()),
             ("source", m.topic.as_bytes()),
             ("received_at", self.received_at.as_bytes()),
+            ("", &[][..]),
+            ("", &[][..]),
+            ("", &[][..]),
         ];
+        let mut n = 3;
+        if !clock_synced {
+            headers[n] = ("clock", b"unsynced");
+            n += 1;
+        }
+        if let Some((reason, device_ts)) = r.ts_replaced {
+            self.device_ts
+                .push_str(itoa::Buffer::new().format(device_ts));
+            headers[n] = ("ts_replaced", reason.as_bytes());
+            headers[n + 1] = ("device_ts", self.device_ts.as_bytes());
+            n += 2;
+        }
         let meta = RecordMeta {
             received_ms: m.received_ms,
             ts_ms: Some(r.ts_ms),
@@ -112,7 +148,7 @@ impl Encoder {
             id,
             meta,
             Some(r.device_id.as_bytes()),
-            headers.into_iter(),
+            headers[..n].iter().copied(),
             self.value.as_bytes(),
         );
     }
@@ -181,13 +217,13 @@ mod tests {
     #[test]
     fn a_valid_reading_becomes_its_canonical_record() {
         let m = incoming(r#"{"temperature": 21.5, "humidity": 40, "seq": 3}"#);
-        let Intake::Reading(r) = intake(&m, Some("d1"), &Limits::default(), Some(100)) else {
+        let Intake::Reading(r) = intake(&m, Some("d1"), &Limits::default(), Some(100), true) else {
             panic!("rejected")
         };
         let mut batch = Batch::default();
         let mut enc = Encoder::default();
-        enc.reading(&r, &m, 7, &mut batch);
-        enc.reading(&r, &m, 8, &mut batch);
+        enc.reading(&r, &m, 7, &mut batch, true);
+        enc.reading(&r, &m, 8, &mut batch, true);
         let recs: Vec<_> = batch.records().map(|r| r.to_owned()).collect();
         assert_eq!(recs.len(), 2);
         let r = &recs[0];
@@ -225,7 +261,7 @@ mod tests {
         let Intake::Rejected {
             rejection,
             dead_letter: Some(d),
-        } = intake(&m, Some("d1"), &Limits::default(), Some(1000))
+        } = intake(&m, Some("d1"), &Limits::default(), Some(1000), true)
         else {
             panic!("accepted")
         };
@@ -249,7 +285,7 @@ mod tests {
         let Intake::Rejected {
             rejection,
             dead_letter: Some(d),
-        } = intake(&m, Some("d1"), &Limits::default(), Some(5))
+        } = intake(&m, Some("d1"), &Limits::default(), Some(5), true)
         else {
             panic!("accepted")
         };
@@ -260,7 +296,7 @@ mod tests {
             .iter()
             .any(|(k, v)| k == "reason" && &v[..] == rejection.code().as_bytes()));
         assert!(d.headers.iter().any(|(k, _)| k == "original_size"));
-        let none = intake(&m, Some("d1"), &Limits::default(), None);
+        let none = intake(&m, Some("d1"), &Limits::default(), None, true);
         assert!(matches!(
             none,
             Intake::Rejected {

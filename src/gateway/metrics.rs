@@ -39,6 +39,10 @@ pub struct GatewayMetrics {
     pub kafka_under_replicated: IntGauge,
     ready: IntGauge,
     producer_recreated: IntCounter,
+    /// 1 synchronised, 0 not, -1 unknown (trusted): see `clock`.
+    pub clock_synchronized: IntGauge,
+    clock_unsynced: IntCounter,
+    ts_replaced: HashMap<&'static str, IntCounter>,
     spool: SpoolMetrics,
     /// TLS, login and ACL failures towards MQTT and Kafka.
     pub security: crate::security::SecurityStatus,
@@ -258,6 +262,23 @@ impl GatewayMetrics {
                 "gateway_kafka_producer_recreated_total",
                 "Kafka producers replaced because they stopped working while Kafka answered a new client (or hit a fatal error); their unsettled records were sent again.",
             ),
+            clock_synchronized: gauge(
+                &r,
+                "gateway_clock_synchronized",
+                "1 while the system clock is synchronised (kernel adjtimex status, or [clock] sync), 0 while it is not (device timestamps are kept, records marked clock=unsynced), -1 when the status cannot be read (the clock is trusted).",
+            ),
+            clock_unsynced: counter(
+                &r,
+                "gateway_readings_clock_unsynced_total",
+                "Readings received while the clock was not synchronised: their device ts was kept unjudged and the record has the header clock=unsynced.",
+            ),
+            ts_replaced: labelled(
+                &r,
+                "gateway_readings_ts_replaced_total",
+                "Readings whose device ts was unusable (reason ts_in_future or ts_too_old against a synchronised clock, or outside 1970..9999): kept with the receive time, headers ts_replaced and device_ts.",
+                "reason",
+                &["ts_in_future", "ts_too_old"],
+            ),
             spool,
             received_mqtt: received.with_label_values(&["mqtt"]),
             received_simulated: received.with_label_values(&["simulated"]),
@@ -383,6 +404,10 @@ impl GatewayMetrics {
         if self.spool.full.get() == 1 {
             why.push("spool full: readings are not acknowledged".to_string());
         }
+        if crate::clock::status() == crate::clock::Status::Unsynced {
+            // Information, not a reason to be out of service.
+            notes.push("clock: not synchronised; device timestamps are kept unjudged and records are marked clock=unsynced".to_string());
+        }
         self.ready.set(i64::from(why.is_empty()));
         if why.is_empty() {
             Ok(notes)
@@ -483,6 +508,22 @@ impl GatewayMetrics {
     pub fn dead_lettered(&self, reason: Option<&'static str>) {
         if let Some(c) = reason.and_then(|r| self.dead_lettered.get(r)) {
             c.inc();
+        }
+    }
+
+    /// A reading's time was not the device's judged `ts` (see `TimeNote`).
+    pub fn time_noted(&self, clock_unsynced: bool, replaced: Option<(&'static str, i64)>) {
+        if clock_unsynced {
+            self.clock_unsynced.inc();
+        }
+        if let Some((reason, device_ts)) = replaced {
+            debug!(
+                reason,
+                device_ts, "device ts unusable; the receive time is kept"
+            );
+            if let Some(c) = self.ts_replaced.get(reason) {
+                c.inc();
+            }
         }
     }
 

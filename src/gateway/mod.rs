@@ -301,6 +301,15 @@ pub async fn run_with_reload(
     }
     let _stop_reload = reload_stop.drop_guard();
     let metrics = GatewayMetrics::new();
+    let clock_stop = CancellationToken::new();
+    crate::clock::watch(cfg.clock.sync, clock_stop.clone());
+    let _stop_clock = clock_stop.drop_guard();
+    metrics
+        .clock_synchronized
+        .set(crate::clock::status().gauge());
+    if crate::clock::status() == crate::clock::Status::Unsynced {
+        warn!("the system clock is not synchronised: device timestamps are kept as sent, and records are marked clock=unsynced (README \"Clocks at the edge\")");
+    }
     // The spool first: a directory we cannot use stops us before we connect.
     let opened = if cfg.spool.enabled {
         Some(open_spool(&cfg, &metrics)?)
@@ -815,11 +824,16 @@ impl Pipeline {
             Out::Closed => None,
         };
         let before = batch.as_ref().map_or(0, |b| b.buf.len());
-        let written = match intake::intake(m, topic_device, &self.cfg.validation, dlq) {
+        let clock_synced = crate::clock::synced();
+        let written = match intake::intake(m, topic_device, &self.cfg.validation, dlq, clock_synced)
+        {
             Intake::Reading(r) => {
                 let key = r.device_id.as_bytes();
+                // The device's own ts identifies a redelivery, also when the
+                // receive time replaced it.
+                let ts = r.ts_replaced.map_or(r.ts_ms, |(_, device_ts)| device_ts);
                 let dup = match (r.seq, &mut self.recent) {
-                    (Some(seq), Some(recent)) => recent.check_and_insert(key, seq, r.ts_ms),
+                    (Some(seq), Some(recent)) => recent.check_and_insert(key, seq, ts),
                     _ => false,
                 };
                 if dup {
@@ -841,9 +855,12 @@ impl Pipeline {
                             SeqOutcome::InOrder => {}
                         }
                     }
+                    if !clock_synced || r.ts_replaced.is_some() {
+                        self.metrics.time_noted(!clock_synced, r.ts_replaced);
+                    }
                     match batch {
                         Some(b) => {
-                            self.encoder.reading(&r, m, ack, b);
+                            self.encoder.reading(&r, m, ack, b, clock_synced);
                             true
                         }
                         None => false,

@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::{v5, QoS};
@@ -148,13 +148,6 @@ impl Acker {
 enum Loop {
     V311(Box<rumqttc::EventLoop>),
     V5(Box<v5::EventLoop>),
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn v311(ev: rumqttc::Event) -> Polled {
@@ -459,7 +452,9 @@ async fn event_loop(
                 }) => {
                     // Copied: a payload is a slice of rumqttc's read buffer,
                     // and one slice alive keeps the whole buffer.
-                    let b = batch.get_or_insert_with(|| Received::reuse(&pool, now_ms(), size));
+                    let b = batch.get_or_insert_with(|| {
+                        Received::reuse(&pool, crate::clock::now_ms(), size)
+                    });
                     let max = cut.max_payload.load(std::sync::atomic::Ordering::Relaxed);
                     let keep = if payload.len() > max {
                         cut.keep

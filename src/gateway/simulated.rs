@@ -1,7 +1,7 @@
 //! Simulated source: an in-process fleet (the simulator's generator) feeding the
 //! same pipeline as MQTT, so the gateway's main job runs without a broker.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -29,10 +29,7 @@ pub fn start(cfg: &SimulateConfig, shutdown: CancellationToken) -> mpsc::Receive
         let mut next = 0usize;
         loop {
             let due = pacer.due(10_000);
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0);
+            let now = crate::clock::now_ms();
             let mut batch = Received::new(now);
             for _ in 0..due {
                 out.clear();

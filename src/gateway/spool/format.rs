@@ -52,13 +52,16 @@ pub struct Record {
 pub type Header = (Cow<'static, str>, Cow<'static, [u8]>);
 
 /// The header names the gateway writes (see [`Header`]).
-const HEADER_NAMES: [&str; 6] = [
+const HEADER_NAMES: [&str; 9] = [
     "schema",
     "source",
     "received_at",
     "reason",
     "detail",
     "original_size",
+    "clock",
+    "ts_replaced",
+    "device_ts",
 ];
 
 fn header_name(k: &[u8]) -> Cow<'static, str> {
