@@ -1192,6 +1192,18 @@ mod tests {
         }
     }
 
+    /// Found by the fuzzer: serde_json's default float parsing can be one
+    /// ULP off, so the canonical JSON of a reading parsed back to another
+    /// number (feature `float_roundtrip` makes it correctly rounded).
+    #[test]
+    fn regression_canonical_json_parses_back_to_the_same_numbers() {
+        let p = br#"{"temperature":"2","humidity":38.011111000215000000862221108}"#;
+        let r = parse(p, Some("dev-1"), NOW, &Limits::default()).unwrap();
+        assert_eq!(r.humidity, 38.011111000215);
+        let back = parse(r.to_canonical_json().as_bytes(), None, NOW, &Limits::default()).unwrap();
+        assert_eq!(back, r);
+    }
+
     #[test]
     fn range_boundaries() {
         for (t, h) in [(-40.0, 0.0), (85.0, 100.0), (0.0, 50.0)] {
