@@ -53,6 +53,7 @@ where
             return ExitCode::FAILURE;
         }
     };
+    crate::guard::exit_on_panic(name);
     rt.block_on(async {
         let shutdown = crate::shutdown::on_signals();
         match service(cfg, shutdown).await {

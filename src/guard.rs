@@ -9,11 +9,42 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+thread_local! {
+    /// Inside [`catch`]: a panic here is one message's, not the process's.
+    static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Runs `f`; a panic becomes `Err(panic message)`.
 pub fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    let outer = CATCHING.with(|c| c.replace(true));
     // State touched by `f` is the message's own (parsers are pure), so
     // nothing half-updated is observed after the unwind.
-    catch_unwind(AssertUnwindSafe(f)).map_err(|p| panic_message(&*p))
+    let r = catch_unwind(AssertUnwindSafe(f)).map_err(|p| panic_message(&*p));
+    CATCHING.with(|c| c.set(outer));
+    r
+}
+
+/// For the binaries: a panic outside [`catch`] (any thread or task) ends the
+/// process at once with exit code 101, so systemd or compose restart it; a
+/// thread that died quietly would leave a process that is up and does
+/// nothing (a dead syncer: no more PUBACKs; a dead forwarder: nothing to
+/// Kafka). A panic inside [`catch`] is logged by its caller instead.
+pub fn exit_on_panic(service: &str) {
+    let service = service.to_string();
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if CATCHING.with(|c| c.get()) {
+            return;
+        }
+        default(info);
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_string();
+        tracing::error!(%thread, panic = %info, "a thread died; exiting so the service is restarted");
+        eprintln!("{service}: a thread died ({thread}): exiting so the service is restarted");
+        std::process::exit(101);
+    }));
 }
 
 /// The text of a panic's payload.

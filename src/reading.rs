@@ -1200,7 +1200,13 @@ mod tests {
         let p = br#"{"temperature":"2","humidity":38.011111000215000000862221108}"#;
         let r = parse(p, Some("dev-1"), NOW, &Limits::default()).unwrap();
         assert_eq!(r.humidity, 38.011111000215);
-        let back = parse(r.to_canonical_json().as_bytes(), None, NOW, &Limits::default()).unwrap();
+        let back = parse(
+            r.to_canonical_json().as_bytes(),
+            None,
+            NOW,
+            &Limits::default(),
+        )
+        .unwrap();
         assert_eq!(back, r);
     }
 

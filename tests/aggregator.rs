@@ -725,5 +725,8 @@ async fn a_dead_consumer_thread_ends_the_process_with_an_error() {
     let status =
         status.unwrap_or_else(|| panic!("still running 15 s after the panic; log:\n{log}"));
     assert!(!status.success(), "exit {status:?}; log:\n{log}");
-    assert!(log.contains("consumer thread died"), "{log}");
+    assert!(
+        log.contains("a thread died") && log.contains("failpoint consumer hit"),
+        "{log}"
+    );
 }

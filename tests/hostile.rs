@@ -241,3 +241,45 @@ fn a_password_in_the_mqtt_url_is_refused_and_never_printed() {
         }
     }
 }
+
+/// A panic outside intake (the test-only failpoint `IOT_FAILPOINT_FORWARDER`,
+/// in the task that hands records to Kafka) ends the process non-zero within
+/// seconds instead of leaving a gateway that acknowledges and never
+/// forwards; restarted, it delivers what it had spooled.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_forwarder_ends_the_process_and_a_restart_delivers_the_spool() {
+    common::require_failpoints();
+    let g = Gw::new("hostile-die").await;
+    let mut gw = g.start_with(
+        GATEWAY,
+        &common::kafka_bootstrap(),
+        "gateway-failpoint",
+        &[("IOT_FAILPOINT_FORWARDER", "KILL-FORWARDER".into())],
+    );
+    g.wait_subscribed(&mut gw).await;
+    publish(vec![(g.mqtt_topic("KILL-FORWARDER"), reading(1))]).await;
+    let mut status = None;
+    for _ in 0..150 {
+        if let Ok(Some(st)) = gw.child.try_wait() {
+            status = Some(st);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = gw.log_text();
+    let status =
+        status.unwrap_or_else(|| panic!("still running 15 s after the panic; log:\n{log}"));
+    assert_eq!(status.code(), Some(101), "{log}");
+    assert!(log.contains("a thread died"), "{log}");
+    let mut gw = g.start(GATEWAY, &common::kafka_bootstrap(), "gateway");
+    let weather =
+        common::consume(&g.topic, 1, Duration::from_secs(30), Duration::from_secs(1)).await;
+    assert_eq!(
+        weather.len(),
+        1,
+        "the spooled reading after the restart; log:\n{}",
+        gw.log_text()
+    );
+    assert_eq!(weather[0].key(), Some(&b"KILL-FORWARDER"[..]));
+    gw.stop_cleanly(Duration::from_secs(20));
+}

@@ -339,6 +339,7 @@ impl Forwarder {
     }
 
     fn start(&mut self, rec: &RecordRef<'_>) {
+        crate::guard::failpoint("forwarder", rec.value);
         let reason = self.reason(rec);
         let (wall, mono) = self.now;
         self.in_flight.push_back(Sent {
