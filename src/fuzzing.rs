@@ -217,6 +217,13 @@ pub fn spool_recovery(data: &[u8]) {
     }
     if !rest.is_empty() {
         std::fs::write(dir.join("checkpoint"), rest).expect("checkpoint");
+        // The same bytes as the Kafka positions file, also read at start-up.
+        let mut text = b"topic weather\n".to_vec();
+        text.extend_from_slice(rest);
+        std::fs::write(dir.join("kafka-positions"), &text).expect("positions");
+        let p = crate::gateway::delivered::Positions::load(&dir, "weather");
+        let _ = p.save(&dir);
+        assert_eq!(crate::gateway::delivered::Positions::load(&dir, "weather"), p, "positions round trip");
     }
     let opened = crate::gateway::spool::Spool::open(crate::gateway::spool::SpoolOptions {
         dir: dir.clone(),
