@@ -230,7 +230,11 @@ pub fn spool_recovery(data: &[u8]) {
         std::fs::write(dir.join("kafka-positions"), &text).expect("positions");
         let p = crate::gateway::delivered::Positions::load(&dir, "weather");
         let _ = p.save(&dir);
-        assert_eq!(crate::gateway::delivered::Positions::load(&dir, "weather"), p, "positions round trip");
+        assert_eq!(
+            crate::gateway::delivered::Positions::load(&dir, "weather"),
+            p,
+            "positions round trip"
+        );
     }
     let opened = crate::gateway::spool::Spool::open(crate::gateway::spool::SpoolOptions {
         dir: dir.clone(),

@@ -713,14 +713,7 @@ async fn a_dead_consumer_thread_ends_the_process_with_an_error() {
     )
     .await;
     send(&p, &name, Some("d1"), b"KILL-CONSUMER", now).await;
-    let mut status = None;
-    for _ in 0..150 {
-        if let Ok(Some(st)) = agg.child.child.try_wait() {
-            status = Some(st);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let status = agg.child.wait_exit(Duration::from_secs(15));
     let log = agg.child.log_text();
     let status =
         status.unwrap_or_else(|| panic!("still running 15 s after the panic; log:\n{log}"));

@@ -29,6 +29,16 @@ fn set_clock(g: &TestGateway, offset: i64, synced: bool) -> std::path::PathBuf {
     path
 }
 
+/// Starts `g`'s gateway on the test clock in `clock` (see [`set_clock`]).
+fn start_on(g: &TestGateway, clock: &std::path::Path) -> common::Child {
+    g.start_with(
+        GATEWAY,
+        &common::kafka_bootstrap(),
+        "gateway",
+        &[("IOT_TEST_CLOCK", clock.display().to_string())],
+    )
+}
+
 /// A reading with the device's correct time.
 fn reading_at(seq: u64, ts_ms: i64) -> Vec<u8> {
     format!(r#"{{"temperature":21.5,"humidity":40,"seq":{seq},"ts":{ts_ms}}}"#).into_bytes()
@@ -62,12 +72,7 @@ async fn an_unsynchronised_clock_two_hours_off_keeps_the_device_timestamps() {
     for offset in [-2 * HOUR_MS, 2 * HOUR_MS] {
         let g = TestGateway::new("clock-unsynced").await;
         let clock = set_clock(&g, offset, false);
-        let mut gw = g.start_with(
-            GATEWAY,
-            &common::kafka_bootstrap(),
-            "gateway",
-            &[("IOT_TEST_CLOCK", clock.display().to_string())],
-        );
+        let mut gw = start_on(&g, &clock);
         g.wait_subscribed(&mut gw).await;
         let sent: Vec<i64> = (0..5).map(|i| now_ms() - 1000 * i).collect();
         publish(
@@ -114,12 +119,7 @@ async fn a_synchronised_clock_that_disagrees_replaces_the_ts_instead_of_dead_let
     common::require_failpoints();
     let g = TestGateway::new("clock-synced").await;
     let clock = set_clock(&g, -2 * HOUR_MS, true);
-    let mut gw = g.start_with(
-        GATEWAY,
-        &common::kafka_bootstrap(),
-        "gateway",
-        &[("IOT_TEST_CLOCK", clock.display().to_string())],
-    );
+    let mut gw = start_on(&g, &clock);
     g.wait_subscribed(&mut gw).await;
     let ts = now_ms();
     publish(
@@ -171,12 +171,7 @@ async fn clock_steps_of_two_hours_while_readings_flow_lose_and_dead_letter_nothi
     common::require_failpoints();
     let g = TestGateway::new("clock-step").await;
     let clock = set_clock(&g, 0, true);
-    let mut gw = g.start_with(
-        GATEWAY,
-        &common::kafka_bootstrap(),
-        "gateway",
-        &[("IOT_TEST_CLOCK", clock.display().to_string())],
-    );
+    let mut gw = start_on(&g, &clock);
     g.wait_subscribed(&mut gw).await;
     let mut seq = 0;
     for offset in [0, -2 * HOUR_MS, 2 * HOUR_MS, 0] {

@@ -258,14 +258,7 @@ async fn a_dead_forwarder_ends_the_process_and_a_restart_delivers_the_spool() {
     );
     g.wait_subscribed(&mut gw).await;
     publish(vec![(g.mqtt_topic("KILL-FORWARDER"), reading(1))]).await;
-    let mut status = None;
-    for _ in 0..150 {
-        if let Ok(Some(st)) = gw.child.try_wait() {
-            status = Some(st);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let status = gw.wait_exit(Duration::from_secs(15));
     let log = gw.log_text();
     let status =
         status.unwrap_or_else(|| panic!("still running 15 s after the panic; log:\n{log}"));
