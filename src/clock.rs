@@ -203,18 +203,54 @@ fn read_test_clock(path: &std::path::Path) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
-    fn the_kernel_can_be_asked_without_a_panic() {
-        // This machine kind runs no time daemon: usually Unsynced, but any
-        // answer is fine; what matters is that asking works.
-        let s = probe();
-        assert!(matches!(
-            s,
-            Status::Synced | Status::Unsynced | Status::Unknown
-        ));
-        let now = now_ms();
-        assert!(now > 1_700_000_000_000, "{now}");
+    fn the_config_spellings_are_the_documented_ones() {
+        for (text, mode) in [
+            ("auto", SyncMode::Auto),
+            ("assume_synced", SyncMode::AssumeSynced),
+            ("assume_unsynced", SyncMode::AssumeUnsynced),
+        ] {
+            let got: SyncMode = serde_json::from_str(&format!("{text:?}")).unwrap();
+            assert_eq!(got, mode);
+        }
+        assert!(serde_json::from_str::<SyncMode>("\"synced\"").is_err());
+        assert_eq!(
+            [Status::Synced, Status::Unsynced, Status::Unknown].map(Status::gauge),
+            [1, 0, -1]
+        );
+    }
+
+    /// The test clock shifts `now_ms` and sets the status; a torn or bad
+    /// file changes nothing. (Restored at the end: other tests pass the
+    /// clock state explicitly and do not read these globals.)
+    #[test]
+    fn the_test_clock_file_shifts_now_and_sets_the_status() {
+        let path = std::env::temp_dir().join(format!("iot-clock-{}", std::process::id()));
+        std::fs::write(&path, "-7200000 unsynced\n").unwrap();
+        let real = now_ms();
+        read_test_clock(&path);
+        let shifted = now_ms();
+        assert!(
+            (real - 7_200_000 - shifted).abs() < 5_000,
+            "{real} {shifted}"
+        );
+        assert_eq!(status(), Status::Unsynced);
+        assert!(!synced());
+        for bad in ["", "12", "x synced"] {
+            std::fs::write(&path, bad).unwrap();
+            read_test_clock(&path);
+            assert_eq!(status(), Status::Unsynced, "{bad:?} changed the status");
+        }
+        std::fs::write(&path, "0 synced").unwrap();
+        read_test_clock(&path);
+        assert_eq!(status(), Status::Synced);
+        assert!((now_ms() - real).abs() < 5_000);
+        STATUS.store(UNKNOWN, Ordering::Relaxed);
+        let _ = std::fs::remove_file(&path);
+        // Asking the kernel works on this machine (no daemon: usually Unsynced).
+        let _ = probe();
     }
 }
