@@ -1,7 +1,7 @@
 //! Shared by the benchmark helpers.
 
 /// User+system CPU of this process (all threads), from /proc/self/stat; 0 if unreadable.
-pub fn cpu_seconds() -> f64 {
+pub(crate) fn cpu_seconds() -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
         return 0.0;
     };

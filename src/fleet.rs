@@ -4,6 +4,9 @@
 //! Deterministic: the same seed gives the same sequence of payloads. Signals are
 //! a per-device baseline, a diurnal cycle (time compressible), noise and slow
 //! drift, with humidity moving against temperature.
+//!
+//! Over 500 lines: the generator, its faults, pacing and manifest are one model that the simulator
+//! and the gateway's simulated source share.
 
 use std::collections::BTreeMap;
 use std::f64::consts::TAU;

@@ -136,7 +136,7 @@ pub fn topic(data: &[u8]) {
         .map(|f| (f.to_string(), f.split('/').position(|s| s == "+")))
         .collect();
     for segment in [None, Some(0), Some(1), Some(7)] {
-        if let Some(id) = crate::gateway::device_in_topic(&filters, segment, topic) {
+        if let Some(id) = crate::gateway::intake::device_in_topic(&filters, segment, topic) {
             assert!(
                 topic.split('/').any(|l| l == id),
                 "{id:?} not a level of {topic:?}"
@@ -145,7 +145,7 @@ pub fn topic(data: &[u8]) {
         }
     }
     for (f, _) in &filters {
-        let _ = crate::gateway::topic_matches(f, topic);
+        let _ = crate::gateway::intake::topic_matches(f, topic);
     }
 }
 
@@ -228,10 +228,10 @@ pub fn spool_recovery(data: &[u8]) {
         let mut text = b"topic weather\n".to_vec();
         text.extend_from_slice(rest);
         std::fs::write(dir.join("kafka-positions"), &text).expect("positions");
-        let p = crate::gateway::delivered::Positions::load(&dir, "weather");
+        let p = crate::gateway::kafka_positions::Positions::load(&dir, "weather");
         let _ = p.save(&dir);
         assert_eq!(
-            crate::gateway::delivered::Positions::load(&dir, "weather"),
+            crate::gateway::kafka_positions::Positions::load(&dir, "weather"),
             p,
             "positions round trip"
         );
@@ -291,6 +291,6 @@ pub fn config(data: &[u8]) {
             let _ = c.to_masked_toml();
         }
     }
-    let _ = crate::config::parse_mqtt_url(text);
-    let _ = crate::config::redact_url(text);
+    let _ = crate::mqtt::parse_mqtt_url(text);
+    let _ = crate::mqtt::redact_url(text);
 }

@@ -1,13 +1,13 @@
 //! IoT sensor gateway library. Data flows:
 //!
 //! ```text
-//! gateway::mqtt / gateway::simulated (fleet)      sources -> SourceEvent (a batch: Received)
-//!   -> gateway::intake (reading::parse_ref)        Kafka record: canonical reading or dead letter,
-//!                                                  encoded into the wake-up's gateway::batch
-//!   -> gateway::spool (writer, syncer threads)     append; group fsync -> durable
-//!   -> gateway::acks                               PUBACK the contiguous durable prefix
-//! gateway::spool (reader) -> gateway::forwarder    from the append: idempotent producer, in order
-//!                                                  -> checkpoint (never past the fsynced end)
+//! gateway::mqtt / gateway::simulated (fleet)   sources -> SourceEvent (a batch: gateway::source::Received)
+//!   -> gateway::intake (reading::parse_ref)     one decision per payload: reading, dead letter or
+//!                                               skipped duplicate, encoded into the wake-up's batch
+//!   -> gateway::log (spool, or memory)          append; confirmed when durable (group fsync)
+//!   -> gateway::forwarder                       reads the log in order: idempotent producer;
+//!                                               releases what Kafka has (the spool checkpoint)
+//!   -> gateway::acks                            PUBACK the contiguous confirmed prefix
 //! ```
 //!
 //! - [`reading`]: validation and the canonical record (pure).
@@ -36,8 +36,10 @@ pub mod fuzzing;
 pub mod gateway;
 pub mod guard;
 pub mod http;
+pub mod mqtt;
 pub mod reading;
 pub mod security;
 pub mod shutdown;
+pub mod sync;
 pub mod systemd;
 pub mod telemetry;

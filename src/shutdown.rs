@@ -31,3 +31,12 @@ pub fn on_signals() -> CancellationToken {
     });
     token
 }
+
+/// Sleeps until the drain deadline, once there is one (in a `select!` branch
+/// taken only while draining).
+pub async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -236,10 +236,7 @@ impl AggregatorMetrics {
 
     /// Replaces the lag series (partitions no longer assigned disappear).
     pub fn set_lags(&self, lags: &[(i32, i64)]) {
-        let mut known = self
-            .lag_partitions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut known = crate::sync::lock(&self.lag_partitions);
         for p in known.iter() {
             if !lags.iter().any(|(q, _)| q == p) {
                 let _ = self.lag.remove_label_values(&[&p.to_string()]);

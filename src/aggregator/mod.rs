@@ -44,13 +44,11 @@ pub struct Shared {
 
 impl Shared {
     pub fn state(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave State half-updated in a
-        // way worse than losing the service; keep serving.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     fn assigned(&self) -> MutexGuard<'_, BTreeSet<i32>> {
-        self.assigned.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.assigned)
     }
 }
 

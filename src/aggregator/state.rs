@@ -7,6 +7,8 @@
 //! minus the allowed lateness; windows ending at or before it are closed, and a
 //! reading for a closed window is counted as `late` and kept out of windows
 //! (it still updates the last values and the count).
+//!
+//! Over 500 lines with its unit tests; the code is about 340.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 

@@ -1,9 +1,147 @@
-//! In-order acknowledgement. MQTT requires PUBACKs in the order the PUBLISHes
-//! arrived, but Kafka delivery reports complete out of order (different
-//! partitions, retries). The tracker hands out ids in arrival order and releases
-//! only the contiguous prefix of completed messages.
+//! The acks stage: PUBACKs in arrival order, and the window of readings
+//! accepted and not yet confirmed.
+//!
+//! MQTT requires PUBACKs in the order the PUBLISHes arrived, but the log
+//! confirms readings when it can (after the spool's fsync, or when Kafka
+//! acknowledged them, in whatever order). The [`AckTracker`] hands out ids in
+//! arrival order and releases only the contiguous prefix of confirmed
+//! messages; [`Acks`] sends their PUBACKs and stops intake while the window
+//! (`kafka.max_in_flight` readings, [`PENDING_BYTES`] of large records) is full.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+
+use super::error::GatewayError;
+use super::metrics::GatewayMetrics;
+use super::mqtt::Acker;
+use super::pool::Pool;
+
+/// A record this large is counted against [`PENDING_BYTES`] (readings are
+/// a few hundred bytes; dead letters of large payloads are up to
+/// `dlq_max_payload_bytes`).
+const BIG_RECORD: usize = 4096;
+/// Bytes of large records accepted and not yet confirmed, at most (plus one).
+pub const PENDING_BYTES: usize = 16 << 20;
+
+/// Lists of confirmed ids (from the log, back from the acks stage).
+pub type IdPool = Pool<Vec<AckId>>;
+
+impl Pool<Vec<AckId>> {
+    /// Gives back a list of settled ids once read.
+    pub fn give_ids(&self, mut ids: Vec<AckId>) {
+        ids.clear();
+        self.give(ids);
+    }
+}
+
+/// The acks stage (see the module doc).
+#[derive(Debug)]
+pub struct Acks {
+    tracker: AckTracker,
+    /// Where PUBACKs go (`None`: no MQTT source).
+    acker: Option<Acker>,
+    /// Accepted and not yet confirmed.
+    pending: usize,
+    window: usize,
+    /// Records over [`BIG_RECORD`] bytes among them (by ack id), and their
+    /// bytes: what a burst of large payloads makes us hold is bounded by
+    /// [`PENDING_BYTES`], not only by the window in messages.
+    big: HashMap<AckId, usize>,
+    pending_big_bytes: usize,
+    /// Packet ids released and not yet sent (the MQTT request channel was full).
+    pkids: Vec<u16>,
+    /// Where read lists of confirmed ids go back to the log.
+    ids: IdPool,
+    metrics: GatewayMetrics,
+}
+
+impl Acks {
+    pub fn new(window: usize, acker: Option<Acker>, ids: IdPool, metrics: GatewayMetrics) -> Self {
+        Acks {
+            tracker: AckTracker::new(),
+            acker,
+            pending: 0,
+            window,
+            big: HashMap::new(),
+            pending_big_bytes: 0,
+            pkids: Vec::with_capacity(1024),
+            ids,
+            metrics,
+        }
+    }
+
+    /// A received message (`pkid`: its MQTT packet id, if it is acknowledged).
+    pub fn admit(&mut self, pkid: Option<u16>) -> AckId {
+        self.pending += 1;
+        self.tracker.push(pkid)
+    }
+
+    /// `id`'s record has `bytes` (large ones count against [`PENDING_BYTES`]).
+    pub fn sized(&mut self, id: AckId, bytes: usize) {
+        if bytes > BIG_RECORD {
+            self.big.insert(id, bytes);
+            self.pending_big_bytes += bytes;
+        }
+    }
+
+    /// Room for more: fewer than the window unconfirmed, and their large
+    /// records within the byte budget.
+    pub fn has_room(&self) -> bool {
+        self.pending < self.window && self.pending_big_bytes < PENDING_BYTES
+    }
+
+    /// Accepted and not yet confirmed.
+    pub fn pending(&self) -> usize {
+        self.pending
+    }
+
+    /// PUBACKs are waiting for room in the MQTT request channel.
+    pub fn owed(&self) -> bool {
+        !self.pkids.is_empty()
+    }
+
+    /// A new MQTT connection: acks owed on the old one are void (the broker
+    /// redelivers those messages).
+    pub fn connected(&mut self) {
+        self.tracker.reset();
+        self.pkids.clear();
+    }
+
+    /// What the log says.
+    pub fn on_log(&mut self, ev: AckEvent) -> Result<(), GatewayError> {
+        match ev {
+            AckEvent::Ready(ids) => {
+                for &id in &ids {
+                    self.tracker.complete(id);
+                    self.pending = self.pending.saturating_sub(1);
+                    if !self.big.is_empty() {
+                        if let Some(n) = self.big.remove(&id) {
+                            self.pending_big_bytes -= n;
+                        }
+                    }
+                }
+                self.ids.give_ids(ids);
+            }
+            AckEvent::SpoolFull(_) => {}
+            AckEvent::Fatal(e) => return Err(GatewayError::Spool(e)),
+        }
+        Ok(())
+    }
+
+    /// PUBACKs for the confirmed prefix, in order. Never waits: when the MQTT
+    /// request channel is full the rest stay queued here for the next turn,
+    /// because the event loop may itself be waiting for the pipeline to take a
+    /// message (waiting here too would deadlock).
+    pub fn flush(&mut self) {
+        self.tracker.drain_ready(&mut self.pkids);
+        let Some(a) = &self.acker else {
+            self.pkids.clear();
+            return;
+        };
+        let sent = a.ack(&self.pkids);
+        self.pkids.drain(..sent);
+        self.metrics.acked(sent);
+    }
+}
 
 /// Identifies one received message inside the tracker.
 pub type AckId = u64;
@@ -11,8 +149,7 @@ pub type AckId = u64;
 /// What tells the pipeline that readings may be acknowledged.
 #[derive(Debug)]
 pub enum AckEvent {
-    /// These readings are settled: durable in the spool, or (spool disabled)
-    /// acknowledged by Kafka.
+    /// These readings are confirmed: durable in the log (see `log`).
     Ready(Vec<AckId>),
     /// The spool is full (`on_full = "block"`, or the disk): PUBACKs stop.
     SpoolFull(bool),

@@ -9,7 +9,7 @@ use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 #[derive(Debug)]
-pub struct Recent {
+pub struct RecentlySeen {
     /// Fingerprints, keyed per process so that clients cannot aim at one
     /// bucket; being hashes already, the set uses them as they are.
     seen: HashSet<u64, BuildHasherDefault<AsIs>>,
@@ -37,9 +37,9 @@ impl Hasher for AsIs {
     }
 }
 
-impl Recent {
+impl RecentlySeen {
     pub fn new(capacity: usize) -> Self {
-        Recent {
+        RecentlySeen {
             seen: HashSet::with_capacity_and_hasher(capacity.min(1 << 16), Default::default()),
             order: VecDeque::new(),
             capacity,
@@ -69,7 +69,7 @@ mod tests {
 
     #[test]
     fn exact_repeats_only_and_bounded() {
-        let mut r = Recent::new(2);
+        let mut r = RecentlySeen::new(2);
         assert!(!r.check_and_insert(b"a", 1, 100));
         assert!(r.check_and_insert(b"a", 1, 100));
         assert!(

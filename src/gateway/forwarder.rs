@@ -1,20 +1,15 @@
-//! The forwarder: the only part that talks to Kafka. It takes records in order
-//! (from the spool, or straight from the pipeline when the spool is disabled),
-//! keeps at most `kafka.max_in_flight` of them in librdkafka, and settles each
-//! one when Kafka acknowledged it (or its dead-letter record).
+//! The forwarder: the only part that talks to Kafka. It reads records in order
+//! from the [`log`], keeps at most `kafka.max_in_flight` of them in
+//! librdkafka, and settles each one when Kafka acknowledged it (or its
+//! dead-letter record); the settled prefix is released to the log.
 //!
 //! Order: librdkafka's idempotent producer keeps per-partition order across its
 //! own retries, and `message.timeout.ms = 0` means it retries until Kafka is
 //! back instead of failing records (a timed-out record sent again becomes a new
 //! record behind later ones). The in-flight window bounds what it holds.
-//!
-//! With the spool, the contiguous prefix of acknowledged offsets becomes the
-//! spool checkpoint once a second; without it, every settled id goes back to
-//! the pipeline, which PUBACKs in arrival order.
 
-use std::collections::{HashSet, VecDeque};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -22,40 +17,15 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::info;
 
-use super::acks::AckEvent;
-use super::batch::{Batch, BufPool, IdPool};
-use super::delivered::{self, Positions};
+use super::error::GatewayError;
 use super::intake::dead_letter;
 use super::kafka::{self, GatewayProducer, ProducerSlot, Report};
+use super::log;
 use super::metrics::{self, GatewayMetrics};
-use super::spool::{Record, RecordRef, Spool, SpoolReader};
-use super::GatewayError;
+use super::spool::{Record, RecordRef};
 use crate::config::{DeliveryMode, KafkaConfig};
-
-/// Where records come from.
-#[derive(Debug)]
-pub enum Feed {
-    Spool {
-        reader: SpoolReader,
-        spool: Arc<Mutex<Spool>>,
-        /// The spool directory (for the Kafka positions, see `delivered`).
-        dir: PathBuf,
-        /// Records recovery found not yet acknowledged by Kafka.
-        pending: u64,
-    },
-    /// Spool disabled: the pipeline's batches (records whose offsets are
-    /// their ack ids); settled ids go back.
-    Memory {
-        rx: mpsc::UnboundedReceiver<Batch>,
-        settled: mpsc::UnboundedSender<AckEvent>,
-        /// Where a batch's buffer goes once its records are settled.
-        pool: BufPool,
-        /// Where lists for settled ids come from.
-        ids: IdPool,
-    },
-}
 
 /// A record to send again after a retriable error.
 struct Retry {
@@ -97,25 +67,6 @@ pub struct Forwarder {
     /// Records handed to Kafka, in order.
     in_flight: VecDeque<Sent>,
     retries: VecDeque<Retry>,
-    /// Every id below this is settled (the spool checkpoint).
-    settled_through: Option<u64>,
-    checkpointed: u64,
-    settled_ids: Vec<u64>,
-    /// Where the checkpointed prefix ends in each partition (spool only).
-    positions: Positions,
-    positions_changed: bool,
-    /// Values found in Kafka that a resend after a crash must not repeat...
-    in_kafka: HashSet<u64>,
-    /// ...among this many records still to be read again (then it is dropped).
-    replay_left: u64,
-    /// Spool disabled: every settled id goes back to the pipeline.
-    ack_each: bool,
-    /// Spool disabled: the batches that still hold an unsettled record, with
-    /// the id of their last one, to send again if the producer is replaced
-    /// (with the spool the reader rewinds instead).
-    kept: VecDeque<(u64, Batch)>,
-    pool: BufPool,
-    ids: IdPool,
     /// The wall and monotonic clocks at this wake-up (read once for all the
     /// records it hands over).
     now: (i64, std::time::Instant),
@@ -128,8 +79,6 @@ impl std::fmt::Debug for Forwarder {
             .finish()
     }
 }
-
-const READ_BATCH: usize = 2048;
 
 impl Forwarder {
     pub fn new(
@@ -152,45 +101,7 @@ impl Forwarder {
             metrics,
             in_flight: VecDeque::new(),
             retries: VecDeque::new(),
-            settled_through: None,
-            checkpointed: 0,
-            settled_ids: Vec::new(),
-            positions: Positions::new(&cfg.topic),
-            positions_changed: false,
-            in_kafka: HashSet::new(),
-            replay_left: 0,
-            ack_each: false,
-            kept: VecDeque::new(),
-            pool: BufPool::default(),
-            ids: IdPool::default(),
             now: (crate::clock::now_ms(), std::time::Instant::now()),
-        }
-    }
-
-    /// Before resending after a crash: which of those records Kafka already has.
-    async fn find_delivered(&mut self, dir: &std::path::Path, pending: u64) {
-        self.positions = Positions::load(dir, &self.cfg.topic);
-        if pending == 0 || self.positions.is_empty() {
-            return;
-        }
-        let (cfg, positions) = (self.cfg.clone(), self.positions.clone());
-        // Bounded: what was acknowledged after the last checkpoint (about a
-        // second's worth) plus the in-flight window, and others' records; a
-        // set of 8-byte fingerprints, at most a few MiB, dropped after the resend.
-        let found = tokio::task::spawn_blocking(move || {
-            delivered::already_in_kafka(&cfg, &positions, 500_000, Duration::from_secs(15))
-        })
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()));
-        match found {
-            Ok(found) => {
-                info!(pending, read = found.len(), "resending what the spool checkpoint does not cover; records Kafka already has are skipped");
-                self.in_kafka = found;
-                self.replay_left = pending;
-            }
-            Err(e) => {
-                warn!(pending, error = %e, "could not read the topic to find records Kafka already has (needs Read access); resending all, some may be duplicates")
-            }
         }
     }
 
@@ -198,38 +109,17 @@ impl Forwarder {
     /// message on `recreate` replaces the producer (see `Forwarder::recreate`).
     pub async fn run(
         mut self,
-        feed: Feed,
+        mut log: log::Reader,
         mut reports: mpsc::UnboundedReceiver<Report>,
         mut recreate: mpsc::Receiver<String>,
         stop: CancellationToken,
         grace: Duration,
     ) -> Result<(), GatewayError> {
+        let grace = log.stop_grace(grace);
         let mut retry_tick = tokio::time::interval(Duration::from_millis(50));
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
         let mut deadline: Option<tokio::time::Instant> = None;
-        let (mut reader, spool, mut memory, settled, dir) = match feed {
-            Feed::Spool {
-                reader,
-                spool,
-                dir,
-                pending,
-            } => {
-                self.find_delivered(&dir, pending).await;
-                (Some(reader), Some(spool), None, None, Some(dir))
-            }
-            Feed::Memory {
-                rx,
-                settled,
-                pool,
-                ids,
-            } => {
-                self.ack_each = true;
-                self.pool = pool;
-                self.ids = ids;
-                (None, None, Some(rx), Some(settled), None)
-            }
-        };
-        let notify = spool.as_ref().map(|s| lock(s).shared().clone());
+        log.recover(&self.cfg).await;
         loop {
             let draining = deadline.is_some();
             let room = !draining && self.in_flight.len() < self.window;
@@ -246,88 +136,40 @@ impl Forwarder {
                 _ = stop.cancelled(), if !draining => {
                     deadline = Some(tokio::time::Instant::now() + grace);
                 }
-                Some(why) = recreate.recv() => self.recreate(&why, reader.as_mut())?,
-                _ = wait_notify(&notify), if room => {}
-                // The pipeline holds at most the window unsettled, so a whole
-                // batch fits.
-                item = recv_memory(&mut memory), if room => match item {
-                    Some(batch) => {
-                        self.now = (crate::clock::now_ms(), std::time::Instant::now());
-                        self.forward_batch(batch);
-                    }
-                    None => memory = None,
-                },
+                Some(why) = recreate.recv() => self.recreate(&why, &mut log)?,
+                _ = log.wait(), if room => {}
                 _ = retry_tick.tick(), if !self.retries.is_empty() => self.resend_due(),
-                _ = housekeeping.tick() => self.housekeeping(spool.as_ref(), dir.as_deref()).await?,
-                _ = sleep_until(deadline), if draining => break,
+                _ = housekeeping.tick() => self.housekeeping(&mut log).await?,
+                _ = crate::shutdown::sleep_until(deadline), if draining => break,
             }
             self.now = (crate::clock::now_ms(), std::time::Instant::now());
-            self.settle(settled.as_ref());
-            if let Some(r) = &mut reader {
-                if !draining {
-                    self.read_spool(r)?;
-                }
+            self.settle(&mut log);
+            if !draining {
+                let room = self.window.saturating_sub(self.in_flight.len());
+                log.read(room, |rec, in_kafka| self.take(rec, in_kafka))?;
             }
-            if draining && self.in_flight.is_empty() {
-                break;
-            }
-            if settled.is_some() && memory.is_none() && self.in_flight.is_empty() {
+            if (draining || log.ended()) && self.in_flight.is_empty() {
                 break;
             }
         }
-        self.settle(settled.as_ref());
+        self.settle(&mut log);
         if !self.in_flight.is_empty() {
             info!(records = self.in_flight.len(), "stopping with records not yet acknowledged by Kafka; they are sent again after a restart");
         }
-        self.housekeeping(spool.as_ref(), dir.as_deref()).await
+        self.housekeeping(&mut log).await
     }
 
-    /// Hands spool records to Kafka while the window has room.
-    fn read_spool(&mut self, reader: &mut SpoolReader) -> Result<(), GatewayError> {
-        while self.in_flight.len() < self.window {
-            let room = (self.window - self.in_flight.len()).min(READ_BATCH);
-            let corrupt = reader.corrupt_skipped;
-            let n = reader
-                .read_with(room, |rec| self.forward_spooled(rec))
-                .map_err(|e| GatewayError::Spool(format!("reading the spool: {e}")))?;
-            self.metrics
-                .spool_dropped_corrupt(reader.corrupt_skipped - corrupt);
-            if n < room {
-                break;
-            }
-        }
-        Ok(())
-    }
-
-    /// Hands one record read back from the spool to Kafka, unless a replay
-    /// after a restart found it there already. It stays borrowed from the
-    /// reader's buffer; an owned copy is made only if librdkafka refuses it.
-    fn forward_spooled(&mut self, rec: RecordRef<'_>) {
-        if self.replay_left == 0 && !self.in_kafka.is_empty() {
-            self.in_kafka = HashSet::new(); // past the resent records
-        }
-        let replayed = self.replay_left > 0;
-        self.replay_left = self.replay_left.saturating_sub(1);
-        if replayed && !rec.dlq && self.in_kafka.remove(&delivered::fingerprint(rec.value)) {
+    /// Hands one record read from the log to Kafka, unless Kafka already has
+    /// it (a resend after a crash). It stays borrowed from the log's buffer;
+    /// an owned copy is made only if librdkafka refuses it.
+    fn take(&mut self, rec: RecordRef<'_>, in_kafka: bool) {
+        if in_kafka {
             self.start(&rec);
             self.metrics.already_in_kafka();
             self.mark(rec.offset, None);
             return;
         }
         self.forward(rec);
-    }
-
-    /// Spool disabled: hands a batch's records to Kafka, borrowed from it, and
-    /// keeps it until they are all settled.
-    fn forward_batch(&mut self, batch: Batch) {
-        let mut last = None;
-        for rec in batch.records() {
-            last = Some(rec.offset);
-            self.forward(rec);
-        }
-        if let Some(last) = last {
-            self.kept.push_back((last, batch));
-        }
     }
 
     /// Hands `rec` to Kafka as a new record in flight.
@@ -370,11 +212,7 @@ impl Forwarder {
     /// can hit a fatal error). Records it had not settled are sent again, in
     /// order, by the new one: from the spool (rewound), or from the copies.
     /// Kafka may already have some of them: duplicates, never loss.
-    fn recreate(
-        &mut self,
-        why: &str,
-        reader: Option<&mut SpoolReader>,
-    ) -> Result<(), GatewayError> {
+    fn recreate(&mut self, why: &str, log: &mut log::Reader) -> Result<(), GatewayError> {
         let new = Arc::new(kafka::producer(
             &self.cfg,
             self.report_tx.clone(),
@@ -382,7 +220,7 @@ impl Forwarder {
             self.metrics.security.clone(),
         )?);
         let old = std::mem::replace(&mut self.producer, new.clone());
-        *self.slot.write().unwrap_or_else(|p| p.into_inner()) = new;
+        *crate::sync::write(&self.slot) = new;
         self.generation = self.generation.wrapping_add(1);
         let unsettled: Vec<Sent> = self.in_flight.drain(..).filter(|s| !s.settled).collect();
         self.retries.clear();
@@ -390,27 +228,8 @@ impl Forwarder {
         // Dropping it purges its queue (reports of an old generation are
         // ignored) and joins its threads: not on the runtime.
         tokio::task::spawn_blocking(move || drop(old));
-        match reader {
-            Some(r) => {
-                if let Some(first) = unsettled.first() {
-                    r.rewind(first.id);
-                }
-            }
-            None => {
-                // Both in id order: walk the kept batches along the unsettled ids.
-                let kept = std::mem::take(&mut self.kept);
-                let mut ids = unsettled.iter().map(|s| s.id).peekable();
-                for (_, batch) in &kept {
-                    for rec in batch.records() {
-                        while ids.next_if(|&id| id < rec.offset).is_some() {}
-                        if ids.next_if_eq(&rec.offset).is_some() {
-                            self.forward(rec);
-                        }
-                    }
-                }
-                self.kept = kept;
-            }
-        }
+        let ids: Vec<u64> = unsettled.iter().map(|s| s.id).collect();
+        log.rewind(&ids);
         Ok(())
     }
 
@@ -592,53 +411,23 @@ impl Forwarder {
         let s = &mut self.in_flight[i];
         s.settled = true;
         s.at = at;
-        // Without the spool the pipeline acknowledges each id itself.
-        if self.ack_each {
-            self.settled_ids.push(s.id);
-        }
     }
 
-    /// Releases the settled prefix: the checkpoint (spool) or the acks (memory).
-    fn settle(&mut self, settled: Option<&mpsc::UnboundedSender<AckEvent>>) {
+    /// Releases the settled prefix to the log.
+    fn settle(&mut self, log: &mut log::Reader) {
         while let Some(s) = self.in_flight.front() {
             if !s.settled {
                 break;
             }
-            self.settled_through = Some(s.id + 1);
-            if let Some((p, o)) = s.at {
-                self.positions.note(p, o);
-                self.positions_changed = true;
-            }
+            log.release(s.id, s.at);
             self.in_flight.pop_front();
         }
-        // Kept batches whose records are all settled (ids below the first
-        // unsettled one) are done.
-        let floor = self.in_flight.front().map(|s| s.id);
-        while self
-            .kept
-            .front()
-            .is_some_and(|(last, _)| floor.is_none_or(|f| *last < f))
-        {
-            if let Some((_, b)) = self.kept.pop_front() {
-                self.pool.give_buf(b.buf);
-            }
-        }
-        if let Some(settled) = settled {
-            if !self.settled_ids.is_empty() {
-                let next = self.ids.take().unwrap_or_default();
-                let ids = std::mem::replace(&mut self.settled_ids, next);
-                let _ = settled.send(AckEvent::Ready(ids));
-            }
-        }
+        log.released(self.in_flight.front().map(|s| s.id));
         self.metrics.in_flight.set(self.in_flight.len() as i64);
     }
 
-    /// Once a second: the spool checkpoint and gauges.
-    async fn housekeeping(
-        &mut self,
-        spool: Option<&Arc<Mutex<Spool>>>,
-        dir: Option<&std::path::Path>,
-    ) -> Result<(), GatewayError> {
+    /// Once a second: gauges, and the log's checkpoint.
+    async fn housekeeping(&mut self, log: &mut log::Reader) -> Result<(), GatewayError> {
         self.metrics
             .kafka_queue_depth
             .set(kafka::queue_depth(&self.producer));
@@ -649,71 +438,6 @@ impl Forwarder {
             .in_flight
             .front()
             .map(|e| Duration::from_millis(e.waited_ms) + e.handed.elapsed());
-        let Some(spool) = spool else {
-            return Ok(());
-        };
-        let through = self.settled_through.filter(|&t| t > self.checkpointed);
-        // After the checkpoint: positions older than it only mean reading more.
-        let positions = (through.is_some() && self.positions_changed)
-            .then(|| self.positions.clone())
-            .zip(dir.map(std::path::Path::to_path_buf));
-        let spool = spool.clone();
-        let stats = tokio::task::spawn_blocking(move || {
-            let mut s = lock(&spool);
-            if let Some(t) = through {
-                s.checkpoint(t)?;
-            }
-            // Positions past the checkpoint (it waits for the spool's fsync)
-            // would skip records a crash resends; they wait a round instead.
-            let saved = match positions {
-                Some((p, dir)) if through.is_some_and(|t| s.acked() >= t) => {
-                    if let Err(e) = p.save(&dir) {
-                        warn!(error = %e, "writing the Kafka positions failed (a crash would resend more)");
-                    }
-                    true
-                }
-                _ => false,
-            };
-            let stats = (s.bytes(), s.segments(), s.next_offset() - s.acked());
-            Ok::<_, std::io::Error>((stats, s.acked(), saved))
-        })
-        .await
-        .map_err(|e| GatewayError::Spool(format!("checkpoint task: {e}")))?
-        .map_err(|e| {
-            error!(error = %e, "writing the spool checkpoint failed");
-            GatewayError::Spool(format!("writing the spool checkpoint: {e}"))
-        })?;
-        let (stats, acked, saved) = stats;
-        self.checkpointed = acked;
-        self.positions_changed &= !saved;
-        let (bytes, segments, records) = stats;
-        let age = oldest.map_or(0.0, |d| d.as_secs_f64());
-        self.metrics.spool_gauges(bytes, segments, records, age);
-        Ok(())
-    }
-}
-
-fn lock(spool: &Mutex<Spool>) -> std::sync::MutexGuard<'_, Spool> {
-    spool.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-async fn wait_notify(n: &Option<Arc<super::spool::Shared>>) {
-    match n {
-        Some(s) => s.notify.notified().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn recv_memory(rx: &mut Option<mpsc::UnboundedReceiver<Batch>>) -> Option<Batch> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
+        log.checkpoint(oldest).await
     }
 }

@@ -141,7 +141,7 @@ pub type ProducerSlot = Arc<RwLock<Arc<GatewayProducer>>>;
 
 /// The producer in `slot` now.
 pub fn current(slot: &ProducerSlot) -> Arc<GatewayProducer> {
-    slot.read().unwrap_or_else(|p| p.into_inner()).clone()
+    crate::sync::read(slot).clone()
 }
 
 /// The servers, the typed security keys and the pass-through security

@@ -22,52 +22,30 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use rumqttc::{v5, QoS};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::batch::Pool;
 use super::metrics::GatewayMetrics;
-use super::{Received, SourceEvent};
-use crate::config::{parse_mqtt_url, MqttConfig, MqttVersion};
+use super::pool::Pool;
+use super::source::{Received, SourceEvent};
+use crate::config::MqttConfig;
+use crate::mqtt::client::{Event, EventLoop, Options};
+use crate::mqtt::{parse_mqtt_url, Client};
 use crate::security::SecurityKind;
-
-/// What the event loop reported, the same for both protocol versions.
-enum Polled {
-    ConnAck {
-        session_present: bool,
-    },
-    Publish {
-        topic: String,
-        payload: Bytes,
-        /// The packet id to acknowledge (QoS 1).
-        pkid: Option<u16>,
-    },
-    SubAck {
-        refused: usize,
-    },
-    /// The PUBACK for this pkid was written (MQTT 3.1.1).
-    AckSent(u16),
-    /// We asked to disconnect (shutdown).
-    Disconnecting,
-    Other,
-}
 
 /// Batches whose first PUBACK is in rumqttc's request channel: (its pkid, the
 /// rest), written by the event-loop task once the first is out.
 type AckBatches = Arc<Mutex<VecDeque<(u16, Vec<u16>)>>>;
 
-fn lock(q: &AckBatches) -> std::sync::MutexGuard<'_, VecDeque<(u16, Vec<u16>)>> {
-    q.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::sync::lock;
 
 /// Sends PUBACKs and the final DISCONNECT.
 #[derive(Clone, Debug)]
-pub enum Acker {
-    V311(rumqttc::AsyncClient, AckBatches),
-    V5(v5::AsyncClient),
+pub struct Acker {
+    client: Client,
+    /// MQTT 3.1.1: the batches' rests (see the module docs); `None` with 5.
+    batches: Option<AckBatches>,
 }
 
 impl Acker {
@@ -75,13 +53,13 @@ impl Acker {
     /// returns how many were taken (a prefix). The rest: try again later (the
     /// request channel is full, or closed).
     pub fn ack(&self, pkids: &[u16]) -> usize {
-        match (self, pkids) {
+        match (&self.batches, pkids) {
             (_, []) => 0,
-            (Acker::V311(_, batches), [first, rest @ ..]) => {
+            (Some(batches), [first, rest @ ..]) => {
                 // Locked across the send: the event loop looks for this batch
                 // as soon as the first PUBACK is written.
                 let mut q = lock(batches);
-                if !self.try_ack(*first) {
+                if !self.client.try_ack(*first) {
                     return 0;
                 }
                 if !rest.is_empty() {
@@ -89,55 +67,24 @@ impl Acker {
                 }
                 pkids.len()
             }
-            (Acker::V5(_), _) => pkids.iter().take_while(|&&p| self.try_ack(p)).count(),
-        }
-    }
-
-    /// Queues the PUBACK for `pkid`; false if the request channel is full.
-    fn try_ack(&self, pkid: u16) -> bool {
-        match self {
-            Acker::V311(c, _) => {
-                let mut p = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::new());
-                p.pkid = pkid;
-                c.try_ack(&p).is_ok()
-            }
-            Acker::V5(c) => {
-                let mut p = v5::mqttbytes::v5::Publish::new(
-                    "",
-                    v5::mqttbytes::QoS::AtLeastOnce,
-                    Vec::new(),
-                    None,
-                );
-                p.pkid = pkid;
-                c.try_ack(&p).is_ok()
-            }
+            (None, _) => pkids
+                .iter()
+                .take_while(|&&p| self.client.try_ack(p))
+                .count(),
         }
     }
 
     pub async fn disconnect(&self) {
-        let _ = match self {
-            Acker::V311(c, _) => c.disconnect().await.map_err(|e| e.to_string()),
-            Acker::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
-        };
+        self.client.disconnect().await;
     }
 
     fn subscribe_all(&self, topics: &[String]) {
         // Spawned: the request channel may be full, and the event-loop task must
         // never wait on it.
-        let (me, topics) = (self.clone(), topics.to_vec());
+        let (client, topics) = (self.client.clone(), topics.to_vec());
         tokio::spawn(async move {
             for t in topics {
-                let r = match &me {
-                    Acker::V311(c, _) => c
-                        .subscribe(&t, QoS::AtLeastOnce)
-                        .await
-                        .map_err(|e| e.to_string()),
-                    Acker::V5(c) => c
-                        .subscribe(&t, v5::mqttbytes::QoS::AtLeastOnce)
-                        .await
-                        .map_err(|e| e.to_string()),
-                };
-                if let Err(e) = r {
+                if let Err(e) = client.subscribe(&t).await {
                     tracing::error!(topic = %t, error = %e, "MQTT subscribe request failed");
                 }
             }
@@ -145,83 +92,11 @@ impl Acker {
     }
 }
 
-enum Loop {
-    V311(Box<rumqttc::EventLoop>),
-    V5(Box<v5::EventLoop>),
-}
-
-fn v311(ev: rumqttc::Event) -> Polled {
-    use rumqttc::{Event, Outgoing, Packet};
-    match ev {
-        Event::Incoming(Packet::ConnAck(a)) => Polled::ConnAck {
-            session_present: a.session_present,
-        },
-        Event::Incoming(Packet::Publish(p)) => Polled::Publish {
-            pkid: (p.qos != QoS::AtMostOnce).then_some(p.pkid),
-            topic: p.topic,
-            payload: p.payload,
-        },
-        Event::Incoming(Packet::SubAck(s)) => Polled::SubAck {
-            refused: s
-                .return_codes
-                .iter()
-                .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                .count(),
-        },
-        Event::Outgoing(Outgoing::PubAck(pkid)) => Polled::AckSent(pkid),
-        Event::Outgoing(Outgoing::Disconnect) => Polled::Disconnecting,
-        _ => Polled::Other,
-    }
-}
-
-fn v5(ev: v5::Event) -> Polled {
-    use v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
-    use v5::Event;
-    match ev {
-        Event::Incoming(Packet::ConnAck(a)) => Polled::ConnAck {
-            session_present: a.session_present,
-        },
-        Event::Incoming(Packet::Publish(p)) => Polled::Publish {
-            pkid: (p.qos != v5::mqttbytes::QoS::AtMostOnce).then_some(p.pkid),
-            topic: String::from_utf8_lossy(&p.topic).into_owned(),
-            payload: p.payload,
-        },
-        Event::Incoming(Packet::SubAck(s)) => Polled::SubAck {
-            refused: s
-                .return_codes
-                .iter()
-                .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
-                .count(),
-        },
-        Event::Outgoing(rumqttc::Outgoing::Disconnect) => Polled::Disconnecting,
-        _ => Polled::Other,
-    }
-}
-
-impl Loop {
-    async fn poll(&mut self) -> Result<Polled, String> {
-        match self {
-            Loop::V311(el) => el.poll().await.map(v311).map_err(|e| e.to_string()),
-            Loop::V5(el) => el.poll().await.map(v5).map_err(|e| e.to_string()),
-        }
-    }
-
-    /// An event the client has already read and queued (one network read
-    /// brings several): taken without I/O, so what came together is passed
-    /// on together.
-    fn buffered(&mut self) -> Option<Polled> {
-        match self {
-            Loop::V311(el) => el.state.events.pop_front().map(v311),
-            Loop::V5(el) => el.state.events.pop_front().map(v5),
-        }
-    }
-}
-
 /// Writes the rest of the batches up to the one `sent` led (see the module
 /// docs), then flushes once. An error here is the connection's: the next poll
 /// reports it and reconnects, and the broker redelivers what was not acked.
-async fn write_rest(el: &mut Loop, batches: &AckBatches, sent: u16, scratch: &mut Vec<u16>) {
-    let Loop::V311(el) = el else { return };
+async fn write_rest(el: &mut EventLoop, batches: &AckBatches, sent: u16, scratch: &mut Vec<u16>) {
+    let EventLoop::V311(el) = el else { return };
     scratch.clear();
     {
         let mut q = lock(batches);
@@ -294,48 +169,32 @@ pub fn start(
     } else {
         rumqttc::Transport::Tcp
     };
-    let password = cfg
-        .password
-        .as_ref()
-        .map(|p| p.expose().to_string())
-        .unwrap_or_default();
     let keep_alive = Duration::from_secs(cfg.keep_alive_secs.max(5));
     // Messages waiting for the pipeline, and requests (mostly PUBACKs) for
     // the event loop: room for the acks of all the pipeline holds.
     let queued = usize::from(cfg.receive_maximum).max(1000);
-    let cap = window + queued;
-    let (acker, el) = match cfg.version {
-        MqttVersion::V311 => {
-            let mut o = rumqttc::MqttOptions::new(&cfg.client_id, host, port);
-            o.set_keep_alive(keep_alive)
-                .set_clean_session(cfg.clean_session)
-                .set_manual_acks(true)
-                .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes)
-                .set_transport(transport);
-            if let Some(u) = &cfg.username {
-                o.set_credentials(u, password);
-            }
-            let (c, el) = rumqttc::AsyncClient::new(o, cap);
-            (
-                Acker::V311(c, AckBatches::default()),
-                Loop::V311(Box::new(el)),
-            )
-        }
-        MqttVersion::V5 => {
-            let mut o = v5::MqttOptions::new(&cfg.client_id, host, port);
-            o.set_keep_alive(keep_alive)
-                .set_clean_start(cfg.clean_session)
-                .set_manual_acks(true)
-                .set_session_expiry_interval(Some(cfg.session_expiry_secs))
-                .set_receive_maximum(Some(cfg.receive_maximum))
-                .set_max_packet_size(Some(cfg.max_packet_bytes as u32))
-                .set_transport(transport);
-            if let Some(u) = &cfg.username {
-                o.set_credentials(u, password);
-            }
-            let (c, el) = v5::AsyncClient::new(o, cap);
-            (Acker::V5(c), Loop::V5(Box::new(el)))
-        }
+    let (client, el) = crate::mqtt::client::new(Options {
+        version: cfg.version,
+        client_id: cfg.client_id.clone(),
+        host,
+        port,
+        transport,
+        login: cfg.username.as_ref().map(|u| {
+            let p = cfg.password.as_ref().map(|p| p.expose().to_string());
+            (u.clone(), p.unwrap_or_default())
+        }),
+        keep_alive,
+        clean_session: cfg.clean_session,
+        manual_acks: true,
+        max_packet_bytes: cfg.max_packet_bytes,
+        inflight: None,
+        session_expiry_secs: Some(cfg.session_expiry_secs),
+        receive_maximum: Some(cfg.receive_maximum),
+        requests: window + queued,
+    });
+    let acker = Acker {
+        batches: matches!(el, EventLoop::V311(_)).then(AckBatches::default),
+        client,
     };
     // Batches; at most `queued` messages in them (the semaphore's permits
     // go with a batch and come back when the pipeline is done with it).
@@ -417,7 +276,7 @@ type Out = (
 );
 
 async fn event_loop(
-    mut el: Loop,
+    mut el: EventLoop,
     acker: Acker,
     cfg: MqttConfig,
     out: Out,
@@ -431,12 +290,13 @@ async fn event_loop(
     let mut backoff = min;
     let mut connected = false;
     let mut subacks = 0;
-    let batches = match &acker {
-        Acker::V311(_, b) => Some(b.clone()),
-        Acker::V5(_) => None,
-    };
+    let batches = acker.batches.clone();
     let mut scratch = Vec::new();
     let mut batch: Option<Received> = None;
+    let cert_problem = cfg.tls.client_certificate_problem();
+    if let Some(p) = &cert_problem {
+        tracing::warn!(problem = %p, "the MQTT client certificate is outside its validity period; the broker will refuse it");
+    }
     // The last batch's size, for the next one.
     let mut size = (0, 0, 0);
     'poll: loop {
@@ -445,7 +305,7 @@ async fn event_loop(
         let mut read = 0;
         loop {
             match next {
-                Ok(Polled::Publish {
+                Ok(Event::Publish {
                     topic,
                     payload,
                     pkid,
@@ -469,12 +329,12 @@ async fn event_loop(
                         break 'poll; // pipeline gone
                     }
                 }
-                Ok(Polled::AckSent(pkid)) => {
+                Ok(Event::AckSent(pkid)) => {
                     if let Some(b) = &batches {
                         write_rest(&mut el, b, pkid, &mut scratch).await;
                     }
                 }
-                Ok(Polled::ConnAck { session_present }) => {
+                Ok(Event::ConnAck { session_present }) => {
                     if !pass_on(&mut batch, &out, &stop).await {
                         break 'poll;
                     }
@@ -492,7 +352,7 @@ async fn event_loop(
                     let _ = tx.send(SourceEvent::Connected).await;
                     acker.subscribe_all(&cfg.subscriptions());
                 }
-                Ok(Polled::SubAck { refused }) if refused > 0 => {
+                Ok(Event::SubAck { refused }) if refused > 0 => {
                     metrics.security.failed(
                         "mqtt",
                         SecurityKind::Acl,
@@ -504,7 +364,7 @@ async fn event_loop(
                         ),
                     );
                 }
-                Ok(Polled::SubAck { .. }) => {
+                Ok(Event::SubAck { .. }) => {
                     subacks += 1;
                     // Ready only once every filter is subscribed.
                     if subacks == cfg.topics.len() {
@@ -512,19 +372,19 @@ async fn event_loop(
                         metrics.mqtt_up(&cfg.url);
                     }
                 }
-                Ok(Polled::Disconnecting) => break 'poll,
-                Ok(Polled::Other) => {}
+                Ok(Event::Disconnecting) => break 'poll,
+                Ok(Event::PubAck { .. } | Event::Other) => {}
                 Err(e) => {
                     // What arrived before the connection broke goes on first.
                     if !pass_on(&mut batch, &out, &stop).await || stop.is_cancelled() {
                         break 'poll;
                     }
-                    match crate::security::mqtt::classify(&e) {
-                        Some(kind) => {
+                    match crate::security::mqtt::classify_with(&e, cert_problem.as_deref()) {
+                        Some((kind, e)) => {
                             let user = cfg.username.as_deref();
                             let why = crate::security::mqtt::describe(kind, &cfg.url, user, &e);
                             metrics.security.failed("mqtt", kind, why);
-                            metrics.mqtt_connected.set(0);
+                            metrics.mqtt_connected(false);
                         }
                         None => {
                             let hint = crate::security::mqtt::plaintext_hint(&cfg.url, &e);
@@ -565,5 +425,5 @@ async fn event_loop(
             break;
         }
     }
-    metrics.mqtt_connected.set(0);
+    metrics.mqtt_connected(false);
 }

@@ -14,9 +14,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::error::GatewayError;
 use super::kafka::{self, GatewayProducer, TopicState};
 use super::metrics::GatewayMetrics;
-use super::GatewayError;
 use crate::config::GatewayConfig;
 use crate::security::SecurityKind;
 
@@ -40,12 +40,12 @@ pub async fn check_topics(
         looks += 1;
         match topics_state(cfg, producer.clone(), Duration::from_secs(5)).await {
             Ok(Topics::Ready { .. }) => {
-                metrics.kafka_reachable.set(1);
+                metrics.set_kafka_reachable(true);
                 return Ok(());
             }
             Ok(Topics::Denied(topic)) => {
                 // Fixable on the broker while we run: the readings wait.
-                metrics.kafka_reachable.set(1);
+                metrics.set_kafka_reachable(true);
                 not_authorized(cfg, metrics, &topic);
                 return Ok(());
             }
@@ -203,6 +203,7 @@ impl Wedge {
 /// topics exist, is the producer still usable. A producer that stays cut off
 /// while a new client reaches Kafka, or that hit a fatal error, is replaced
 /// (librdkafka 2.12 can stop reconnecting for good after a broker restart).
+/// `durable`: the log keeps readings through a Kafka outage (see `log::Opened`).
 pub async fn probe_kafka(
     cfg: GatewayConfig,
     slot: kafka::ProducerSlot,
@@ -210,6 +211,7 @@ pub async fn probe_kafka(
     stop: CancellationToken,
     fatal: mpsc::Sender<GatewayError>,
     recreate: mpsc::Sender<String>,
+    durable: bool,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     // A topic must be missing on several probes in a row before we give up:
@@ -228,7 +230,7 @@ pub async fn probe_kafka(
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
-        let was = metrics.kafka_reachable.get() == 1;
+        let was = metrics.kafka_reachable();
         let connected = producer.context().brokers_up() > 0;
         let state = topics_state(&cfg, producer, Duration::from_secs(3)).await;
         // The producer's own connections can be busy rather than cut off: with
@@ -262,7 +264,7 @@ pub async fn probe_kafka(
                 if !was {
                     info!(servers = %cfg.kafka.bootstrap_servers, "Kafka reachable");
                 }
-                metrics.kafka_reachable.set(1);
+                metrics.set_kafka_reachable(true);
                 let (was_brokers, was_under) = (
                     metrics.kafka_brokers.get(),
                     metrics.kafka_under_replicated.get(),
@@ -292,7 +294,7 @@ pub async fn probe_kafka(
             }
             Ok(Topics::Denied(topic)) => {
                 missing_probes = 0;
-                metrics.kafka_reachable.set(1);
+                metrics.set_kafka_reachable(true);
                 not_authorized(&cfg, &metrics, &topic);
             }
             Ok(Topics::Missing(topic)) if missing_probes < 3 => {
@@ -318,7 +320,7 @@ pub async fn probe_kafka(
                 if was {
                     warn!(servers = %cfg.kafka.bootstrap_servers, error = %e, "Kafka not reachable; holding readings until it is back");
                 }
-                metrics.kafka_reachable.set(0);
+                metrics.set_kafka_reachable(false);
                 if connected {
                     wedge.reachable(); // waiting on live connections, see above
                 } else if wedge.unreachable(Instant::now()) {
@@ -329,7 +331,7 @@ pub async fn probe_kafka(
                 }
             }
         }
-        let _ = metrics.readiness(cfg.mqtt.enabled, cfg.spool.enabled);
+        let _ = metrics.readiness(cfg.mqtt.enabled, durable);
     }
 }
 

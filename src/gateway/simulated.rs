@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Received, SourceEvent};
+use super::source::{Received, SourceEvent};
 use crate::config::SimulateConfig;
 use crate::fleet::{Emitted, Fleet, FleetSpec, Pacer};
 

@@ -63,6 +63,24 @@ pub struct KafkaSecurity<'a> {
     pub properties: &'a BTreeMap<String, String>,
 }
 
+impl<'a> KafkaSecurity<'a> {
+    /// The connection keys of a `[kafka]` section (the gateway's producer and
+    /// the aggregator's consumer have the same four).
+    pub fn of(
+        protocol: &'a str,
+        tls: &'a KafkaTlsConfig,
+        sasl: &'a KafkaSaslConfig,
+        properties: &'a BTreeMap<String, String>,
+    ) -> Self {
+        KafkaSecurity {
+            protocol,
+            tls,
+            sasl,
+            properties,
+        }
+    }
+}
+
 impl KafkaSecurity<'_> {
     fn protocol(&self) -> String {
         self.protocol.to_ascii_lowercase()

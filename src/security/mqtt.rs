@@ -43,6 +43,32 @@ impl MqttTlsConfig {
         super::secret::check_readable(&self.key_file, &format!("{prefix}.key_file"))
     }
 
+    /// What is wrong with the client certificate's validity period now, if
+    /// anything (expired, or not valid yet). A broker that refuses it under
+    /// TLS 1.3 may close the connection before its alert is read (the client
+    /// then sees only "connection reset"), so this names the cause.
+    pub fn client_certificate_problem(&self) -> Option<String> {
+        let path = self.cert_file.as_ref()?;
+        let pem = std::fs::read(path).ok()?;
+        let cert = openssl::x509::X509::from_pem(&pem).ok()?;
+        let now = openssl::asn1::Asn1Time::days_from_now(0).ok()?;
+        if cert.not_after() < now {
+            Some(format!(
+                "our client certificate {} expired on {}",
+                path.display(),
+                cert.not_after()
+            ))
+        } else if cert.not_before() > now {
+            Some(format!(
+                "our client certificate {} is not valid before {}",
+                path.display(),
+                cert.not_before()
+            ))
+        } else {
+            None
+        }
+    }
+
     /// A connector for rumqttc's `TlsConfiguration::NativeConnector`.
     pub fn connector(&self) -> Result<native_tls::TlsConnector, String> {
         let read = |p: &PathBuf, what: &str| {
@@ -111,6 +137,22 @@ pub fn classify(error: &str) -> Option<SecurityKind> {
     None
 }
 
+/// [`classify`], and an unclassified connection reset is a TLS failure when
+/// our client certificate is out of its validity period (`cert_problem`, see
+/// [`MqttTlsConfig::client_certificate_problem`]): returns the kind and the
+/// error to report.
+pub fn classify_with(error: &str, cert_problem: Option<&str>) -> Option<(SecurityKind, String)> {
+    if let Some(kind) = classify(error) {
+        return Some((kind, error.to_string()));
+    }
+    let e = error.to_ascii_lowercase();
+    let dropped = e.contains("reset by peer") || e.contains("closed") || e.contains("eof");
+    match cert_problem {
+        Some(p) if dropped => Some((SecurityKind::Tls, format!("{error}: {p}"))),
+        _ => None,
+    }
+}
+
 /// A hint for a plaintext client whose connection a TLS listener drops.
 pub fn plaintext_hint(url: &str, error: &str) -> &'static str {
     let plain = url.starts_with("mqtt://") || url.starts_with("tcp://");
@@ -175,6 +217,26 @@ mod tests {
         );
         assert_eq!(classify("I/O: Connection refused (os error 111)"), None);
         assert_eq!(classify("Network timeout"), None);
+    }
+
+    /// Mosquitto refusing an expired client certificate under TLS 1.3 can
+    /// reach us as a bare reset (its alert lost with the connection): seen in
+    /// simulators/tests/secure.rs, where the error then named no cause.
+    #[test]
+    fn a_reset_with_an_expired_client_certificate_names_it() {
+        let reset = "Mqtt state: Mqtt serialization/deserialization error: IO: Connection reset by peer (os error 104)";
+        let expired = "our client certificate c.pem expired on Dec  3 00:00:00 2026 GMT";
+        let (kind, e) = classify_with(reset, Some(expired)).unwrap();
+        assert_eq!(kind, SecurityKind::Tls);
+        assert!(
+            e.contains("expired on") && e.contains("reset by peer"),
+            "{e}"
+        );
+        assert_eq!(classify_with(reset, None), None);
+        assert_eq!(
+            classify_with("I/O: Connection refused (os error 111)", Some(expired)),
+            None
+        );
     }
 
     #[test]

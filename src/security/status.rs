@@ -85,7 +85,7 @@ impl SecurityStatus {
     }
 
     fn last(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, Failure>> {
-        self.last.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.last)
     }
 
     /// Records a failure: counted always, logged at error level (a repeat of

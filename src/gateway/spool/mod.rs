@@ -27,6 +27,9 @@
 //! checkpoint that is missing, corrupt or ahead of the data means "nothing
 //! acknowledged" (duplicates, never loss). Each of these is counted in
 //! [`Recovery`] and logged by the caller.
+//!
+//! Over 500 lines: open, recovery, append and checkpoint keep one invariant (the recovery contract
+//! above) and stay together; the tests are in `spool/tests.rs`.
 
 pub mod format;
 pub mod reader;
@@ -90,9 +93,10 @@ pub struct Appended {
     pub dropped_bytes: u64,
 }
 
-/// State the writer shares with the reader.
+/// How far the writer got (written, fsynced) and where the reader is: shared
+/// by the writer, the syncer and the reader.
 #[derive(Debug)]
-pub struct Shared {
+pub struct Progress {
     /// Every offset below this is written (to the page cache; the fsync may
     /// still be running): the reader may forward it.
     pub written: AtomicU64,
@@ -112,7 +116,7 @@ struct ReadPos {
     floor: u64,
 }
 
-impl Shared {
+impl Progress {
     /// Every offset below `through` is fsynced.
     pub fn mark_synced(&self, through: u64) {
         self.synced.fetch_max(through, Ordering::AcqRel);
@@ -120,7 +124,7 @@ impl Shared {
 
     fn pos(&self) -> MutexGuard<'_, ReadPos> {
         // A panic elsewhere cannot leave ReadPos half-updated (two plain fields).
-        self.pos.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.pos)
     }
 }
 
@@ -145,7 +149,7 @@ pub struct Spool {
     checkpoint: Checkpoint,
     total_bytes: u64,
     buf: Vec<u8>,
-    shared: Arc<Shared>,
+    shared: Arc<Progress>,
     /// Held (locked) while the spool is open.
     _lock: File,
 }
@@ -288,7 +292,7 @@ impl Spool {
             sync_dir(&dir)?;
         }
         rec.recent = recent.into_iter().collect();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Progress {
             written: AtomicU64::new(next),
             synced: AtomicU64::new(next),
             pos: Mutex::new(ReadPos {
@@ -507,7 +511,7 @@ impl Spool {
         self.acked
     }
 
-    pub fn shared(&self) -> &Arc<Shared> {
+    pub fn progress(&self) -> &Arc<Progress> {
         &self.shared
     }
 }
@@ -620,6 +624,15 @@ fn recover_segment(
     gaps: &mut Vec<(u64, u64)>,
 ) -> io::Result<Option<Segment>> {
     let data = fs::read(path)?;
+    if let Some(v) = format::segment_version(&data).filter(|&v| v > format::FORMAT_VERSION) {
+        // Quarantining it would hide readings a newer release spooled (a
+        // downgrade): stop, and say so.
+        return Err(io::Error::other(format!(
+            "segment {} has spool format version {v}, newer than this release reads ({}): it was written by a newer release; upgrade again, or move the segment out of the spool directory",
+            path.display(),
+            format::FORMAT_VERSION
+        )));
+    }
     if format::parse_segment_header(&data) != Some(base) {
         if last && data.len() < SEGMENT_HEADER_LEN {
             // Created but never completed (crash during rotation).

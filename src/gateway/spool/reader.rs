@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::format::{self, Bad, RecordRef, RECORD_PREFIX_LEN, SEGMENT_HEADER_LEN};
-use super::{list_segments, Shared};
+use super::{list_segments, Progress};
 
 #[derive(Debug)]
 struct Open {
@@ -21,7 +21,7 @@ struct Open {
 #[derive(Debug)]
 pub struct SpoolReader {
     dir: PathBuf,
-    shared: Arc<Shared>,
+    shared: Arc<Progress>,
     open: Option<Open>,
     buf: Vec<u8>,
     /// Records skipped because they failed their checksum while being read.
@@ -29,7 +29,7 @@ pub struct SpoolReader {
 }
 
 impl SpoolReader {
-    pub(super) fn new(dir: PathBuf, shared: Arc<Shared>) -> Self {
+    pub(super) fn new(dir: PathBuf, shared: Arc<Progress>) -> Self {
         SpoolReader {
             dir,
             shared,

@@ -13,29 +13,28 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Shared, Spool};
+use super::{Progress, Spool};
+use crate::config::FsyncMode;
+use crate::gateway::acks::IdPool;
 use crate::gateway::acks::{AckEvent, AckId};
-use crate::gateway::batch::{Batch, BufPool, IdPool};
+use crate::gateway::batch::Batch;
 use crate::gateway::metrics::GatewayMetrics;
+use crate::gateway::pool::BufPool;
+use crate::sync::lock;
 
-/// When appended records are fsynced.
+/// When appended records are fsynced (`spool.fsync`; with `Interval`, every
+/// `interval`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SyncPolicy {
-    /// Before acknowledging them (group commit).
-    Batch,
-    /// At most this long after writing; acknowledged on write.
-    Interval(Duration),
-    /// Never by us (the OS writes back when it likes).
-    Never,
+pub struct SyncPolicy {
+    pub mode: FsyncMode,
+    pub interval: Duration,
 }
 
 impl SyncPolicy {
     pub fn from_config(c: &crate::config::SpoolConfig) -> Self {
-        use crate::config::FsyncMode;
-        match c.fsync {
-            FsyncMode::Batch => SyncPolicy::Batch,
-            FsyncMode::Interval => SyncPolicy::Interval(Duration::from_millis(c.fsync_interval_ms)),
-            FsyncMode::Never => SyncPolicy::Never,
+        SyncPolicy {
+            mode: c.fsync,
+            interval: Duration::from_millis(c.fsync_interval_ms),
         }
     }
 }
@@ -75,7 +74,7 @@ impl Writer {
         let (tx, rx) = std::sync::mpsc::channel();
         let (sync_tx, sync_rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let shared = lock(&spool).shared().clone();
+        let shared = lock(&spool).progress().clone();
         let (ev, m, ids) = (events.clone(), metrics.clone(), pools.1.clone());
         let syncer = std::thread::Builder::new()
             .name("spool-sync".into())
@@ -103,10 +102,6 @@ impl Writer {
             let _ = t.join();
         }
     }
-}
-
-fn lock(spool: &Mutex<Spool>) -> std::sync::MutexGuard<'_, Spool> {
-    spool.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Adds a batch to the group; its buffer goes back to the pipeline.
@@ -221,7 +216,7 @@ fn write_loop(
 fn sync_loop(
     rx: Receiver<Written>,
     policy: SyncPolicy,
-    shared: &Shared,
+    shared: &Progress,
     events: &UnboundedSender<AckEvent>,
     metrics: &GatewayMetrics,
     ids: &IdPool,
@@ -231,8 +226,8 @@ fn sync_loop(
     let (mut written, mut synced) = (0u64, 0u64);
     let mut acks: Vec<AckId> = Vec::new();
     let mut last_sync = Instant::now();
-    let tick = match policy {
-        SyncPolicy::Interval(d) => d,
+    let tick = match policy.mode {
+        FsyncMode::Interval => policy.interval,
         _ => Duration::from_secs(3600),
     };
     let mut open = true;
@@ -262,10 +257,10 @@ fn sync_loop(
         let dirty = written > synced;
         let sync_now = dirty
             && (!open
-                || match policy {
-                    SyncPolicy::Batch => true,
-                    SyncPolicy::Interval(d) => last_sync.elapsed() >= d,
-                    SyncPolicy::Never => false,
+                || match policy.mode {
+                    FsyncMode::Batch => true,
+                    FsyncMode::Interval => last_sync.elapsed() >= policy.interval,
+                    FsyncMode::Never => false,
                 });
         if sync_now {
             if let Some(f) = &file {
@@ -278,7 +273,7 @@ fn sync_loop(
             }
             last_sync = Instant::now();
         }
-        if sync_now || (dirty && policy == SyncPolicy::Never) {
+        if sync_now || (dirty && policy.mode == FsyncMode::Never) {
             synced = written;
             shared.mark_synced(synced);
         }
