@@ -14,37 +14,37 @@ use iot_gateway::security::Secret;
 /// The TLS and login flags (also keys of a scenario file).
 #[derive(clap::Args, Debug, Default, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AuthArgs {
+pub(crate) struct AuthArgs {
     /// CA certificate (PEM) that signed the broker's certificate, for mqtts://
     /// URLs. [default: the system's trusted roots]
     #[arg(long, value_name = "FILE")]
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     /// Client certificate (PEM) for mutual TLS, used by every connection.
     #[arg(long, value_name = "FILE", requires = "key")]
-    pub cert: Option<PathBuf>,
+    pub(crate) cert: Option<PathBuf>,
     /// Private key (PEM) of --cert.
     #[arg(long, value_name = "FILE", requires = "cert")]
-    pub key: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
     /// Per-device client certificates: DIR/<device>.crt and DIR/<device>.key
     /// (one connection per device; the broker sees each device as itself).
     #[arg(long, value_name = "DIR")]
-    pub device_certs: Option<PathBuf>,
+    pub(crate) device_certs: Option<PathBuf>,
     /// MQTT user name of every connection.
     #[arg(long, value_name = "NAME")]
-    pub username: Option<String>,
+    pub(crate) username: Option<String>,
     /// File whose first line is the password of --username (or set
     /// SIMULATOR_MQTT_PASSWORD).
     #[arg(long, value_name = "FILE")]
-    pub password_file: Option<PathBuf>,
+    pub(crate) password_file: Option<PathBuf>,
     /// Per-device passwords, lines of `device:password`; each device logs in
     /// as itself (one connection per device).
     #[arg(long, value_name = "FILE")]
-    pub device_passwords: Option<PathBuf>,
+    pub(crate) device_passwords: Option<PathBuf>,
 }
 
 impl AuthArgs {
     /// Flags over the scenario's keys.
-    pub fn or(self, sc: AuthArgs) -> AuthArgs {
+    pub(crate) fn or(self, sc: AuthArgs) -> AuthArgs {
         AuthArgs {
             ca_file: self.ca_file.or(sc.ca_file),
             cert: self.cert.or(sc.cert),
@@ -59,8 +59,8 @@ impl AuthArgs {
 
 /// Checked login settings.
 #[derive(Debug, Clone, Default)]
-pub struct Auth {
-    pub tls: Option<MqttTlsConfig>,
+pub(crate) struct Auth {
+    pub(crate) tls: Option<MqttTlsConfig>,
     device_certs: Option<PathBuf>,
     username: Option<String>,
     password: Option<Secret>,
@@ -68,10 +68,10 @@ pub struct Auth {
 }
 
 /// The environment variable with the password of `--username`.
-pub const PASSWORD_ENV: &str = "SIMULATOR_MQTT_PASSWORD";
+pub(crate) const PASSWORD_ENV: &str = "SIMULATOR_MQTT_PASSWORD";
 
 impl Auth {
-    pub fn from_args(a: AuthArgs, tls_url: bool) -> Result<Auth> {
+    pub(crate) fn from_args(a: AuthArgs, tls_url: bool) -> Result<Auth> {
         let wants_tls = a.ca_file.is_some() || a.cert.is_some() || a.device_certs.is_some();
         if wants_tls && !tls_url {
             bail!("--ca-file, --cert and --device-certs need an mqtts:// broker URL");
@@ -113,13 +113,13 @@ impl Auth {
     }
 
     /// Whether each device needs a connection of its own.
-    pub fn per_device(&self) -> bool {
+    pub(crate) fn per_device(&self) -> bool {
         self.device_certs.is_some() || self.device_passwords.is_some()
     }
 
     /// The transport and login of the connection for `device` (per-device
     /// credentials) or of any connection.
-    pub fn for_connection(
+    pub(crate) fn for_connection(
         &self,
         device: &str,
     ) -> Result<(rumqttc::Transport, Option<(String, String)>)> {
@@ -167,7 +167,7 @@ impl Auth {
     }
 
     /// The user name shown in messages.
-    pub fn user_for(&self, device: &str) -> Option<String> {
+    pub(crate) fn user_for(&self, device: &str) -> Option<String> {
         if self.device_passwords.is_some() {
             Some(device.to_string())
         } else if self.device_certs.is_some() {
