@@ -1,6 +1,9 @@
 //! The aggregator binary against the real Kafka: exact aggregates read back
 //! through /metrics (parsed) and the JSON API, other producers' shapes, garbage,
 //! restarts and consumer groups.
+//!
+//! Over 500 lines: one binary for the aggregator's black-box tests (link time on
+//! 2 cores); each test is independent, with its own topic and group.
 
 mod common;
 

@@ -14,9 +14,7 @@ use rdkafka::message::{Message, OwnedMessage};
 const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
 const HOUR_MS: i64 = 3_600_000;
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
+use iot_gateway::clock::now_ms;
 
 /// Sets the gateway's test clock: `offset` ms off the real one, and whether
 /// it is synchronised. Written whole (rename), read every 100 ms.

@@ -4,6 +4,9 @@
 //! min.insync.replicas, an aggregator group losing an instance, and two gateways
 //! sharing one MQTT subscription. The tests stop cluster nodes, so they take
 //! turns.
+//!
+//! Over 500 lines: four scenarios that each stop nodes of one shared cluster, so they
+//! share its setup and run one after the other in this binary.
 
 mod common;
 
