@@ -50,6 +50,14 @@ fn wrong_type_and_bad_values_name_the_key() {
     let f = file("[mqtt]\nurl = \"http://x\"\n");
     let e = GatewayConfig::load(Some(&f.0)).unwrap_err().to_string();
     assert!(e.contains("mqtt.url"), "{e}");
+    // The latency knobs are bounded (a reading must not wait minutes).
+    for (section, key) in [("mqtt", "batch_linger_ms"), ("spool", "fsync_wait_ms")] {
+        let f = file(&format!("[{section}]\n{key} = 1001\n"));
+        let e = GatewayConfig::load(Some(&f.0)).unwrap_err().to_string();
+        assert!(e.contains(&format!("{section}.{key}")), "{e}");
+        let f = file(&format!("[{section}]\n{key} = 0\n"));
+        GatewayConfig::load(Some(&f.0)).unwrap();
+    }
 }
 
 #[test]

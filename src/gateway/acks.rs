@@ -70,9 +70,10 @@ impl Acks {
     }
 
     /// A received message (`pkid`: its MQTT packet id, if it is acknowledged).
-    pub fn admit(&mut self, pkid: Option<u16>) -> AckId {
+    /// `received_ms`: when it arrived (epoch ms), for the ack latency.
+    pub fn admit(&mut self, pkid: Option<u16>, received_ms: i64) -> AckId {
         self.pending += 1;
-        self.tracker.push(pkid)
+        self.tracker.push(pkid, received_ms)
     }
 
     /// `id`'s record has `bytes` (large ones count against [`PENDING_BYTES`]).
@@ -132,7 +133,12 @@ impl Acks {
     /// because the event loop may itself be waiting for the pipeline to take a
     /// message (waiting here too would deadlock).
     pub fn flush(&mut self) {
-        self.tracker.drain_ready(&mut self.pkids);
+        if self.tracker.front_done() {
+            let now = crate::clock::now_ms();
+            let m = &self.metrics;
+            self.tracker
+                .drain_ready(&mut self.pkids, |received| m.ack_latency(now - received));
+        }
         let Some(a) = &self.acker else {
             self.pkids.clear();
             return;
@@ -161,8 +167,9 @@ pub enum AckEvent {
 pub struct AckTracker {
     /// Id of `slots[0]`.
     base: AckId,
-    /// Per message in arrival order: (MQTT packet id to acknowledge, done?).
-    slots: VecDeque<(Option<u16>, bool)>,
+    /// Per message in arrival order: (MQTT packet id to acknowledge, done?,
+    /// receive time in epoch ms).
+    slots: VecDeque<(Option<u16>, bool, i64)>,
 }
 
 impl AckTracker {
@@ -172,8 +179,8 @@ impl AckTracker {
 
     /// Registers a received message; `pkid` is `None` when nothing is to be
     /// acknowledged (QoS 0, simulated readings).
-    pub fn push(&mut self, pkid: Option<u16>) -> AckId {
-        self.slots.push_back((pkid, false));
+    pub fn push(&mut self, pkid: Option<u16>, received_ms: i64) -> AckId {
+        self.slots.push_back((pkid, false, received_ms));
         self.base + self.slots.len() as u64 - 1
     }
 
@@ -187,14 +194,21 @@ impl AckTracker {
         }
     }
 
+    /// The oldest message is done: [`AckTracker::drain_ready`] has work.
+    pub fn front_done(&self) -> bool {
+        self.slots.front().is_some_and(|s| s.1)
+    }
+
     /// Removes the contiguous completed prefix and returns its packet ids, in
-    /// arrival order, ready to be acknowledged.
-    pub fn drain_ready(&mut self, out: &mut Vec<u16>) {
-        while let Some(&(pkid, true)) = self.slots.front() {
+    /// arrival order, ready to be acknowledged; `received` is called with the
+    /// receive time of each one.
+    pub fn drain_ready(&mut self, out: &mut Vec<u16>, mut received: impl FnMut(i64)) {
+        while let Some(&(pkid, true, at)) = self.slots.front() {
             self.slots.pop_front();
             self.base += 1;
             if let Some(p) = pkid {
                 out.push(p);
+                received(at);
             }
         }
     }
@@ -223,16 +237,16 @@ mod tests {
 
     fn drain(t: &mut AckTracker) -> Vec<u16> {
         let mut v = Vec::new();
-        t.drain_ready(&mut v);
+        t.drain_ready(&mut v, |_| {});
         v
     }
 
     #[test]
     fn releases_only_the_contiguous_prefix() {
         let mut t = AckTracker::new();
-        let a = t.push(Some(10));
-        let b = t.push(Some(11));
-        let c = t.push(Some(12));
+        let a = t.push(Some(10), 0);
+        let b = t.push(Some(11), 0);
+        let c = t.push(Some(12), 0);
         t.complete(c);
         assert_eq!(drain(&mut t), Vec::<u16>::new());
         t.complete(a);
@@ -245,8 +259,8 @@ mod tests {
     #[test]
     fn messages_without_ack_keep_their_place() {
         let mut t = AckTracker::new();
-        let a = t.push(None);
-        let b = t.push(Some(1));
+        let a = t.push(None, 0);
+        let b = t.push(Some(1), 0);
         t.complete(b);
         assert_eq!(drain(&mut t), Vec::<u16>::new());
         t.complete(a);
@@ -256,11 +270,11 @@ mod tests {
     #[test]
     fn reset_discards_pending_and_ignores_late_completions() {
         let mut t = AckTracker::new();
-        let a = t.push(Some(1));
-        let _b = t.push(Some(2));
+        let a = t.push(Some(1), 0);
+        let _b = t.push(Some(2), 0);
         t.reset();
         assert!(t.is_empty());
-        let c = t.push(Some(1));
+        let c = t.push(Some(1), 0);
         t.complete(a); // late report from the old connection
         assert_eq!(drain(&mut t), Vec::<u16>::new());
         t.complete(c);
@@ -268,9 +282,29 @@ mod tests {
     }
 
     #[test]
+    fn receive_times_are_reported_for_what_is_acknowledged_in_order() {
+        let mut t = AckTracker::new();
+        let a = t.push(Some(1), 100);
+        let b = t.push(None, 150);
+        let c = t.push(Some(2), 200);
+        let d = t.push(Some(3), 300);
+        assert!(!t.front_done());
+        for id in [c, b, a] {
+            t.complete(id);
+        }
+        assert!(t.front_done());
+        let (mut pkids, mut times) = (Vec::new(), Vec::new());
+        t.drain_ready(&mut pkids, |at| times.push(at));
+        assert_eq!((pkids, times), (vec![1, 2], vec![100, 200]));
+        assert!(!t.front_done());
+        t.complete(d);
+        assert!(t.front_done());
+    }
+
+    #[test]
     fn double_completion_is_harmless() {
         let mut t = AckTracker::new();
-        let a = t.push(Some(5));
+        let a = t.push(Some(5), 0);
         t.complete(a);
         t.complete(a);
         assert_eq!(drain(&mut t), vec![5]);

@@ -45,6 +45,7 @@ pub struct GatewayMetrics {
     mqtt_connected: IntGauge,
     mqtt_reconnects: IntCounter,
     mqtt_acks: IntCounter,
+    ack_latency: Histogram,
     seq_gaps: IntCounter,
     seq_repeats: IntCounter,
     devices_tracked: IntGauge,
@@ -73,6 +74,7 @@ struct SpoolMetrics {
     oldest_age: prometheus::Gauge,
     full: IntGauge,
     appended: IntCounter,
+    appended_bytes: IntCounter,
     fsync: Histogram,
     dropped_full: IntCounter,
     dropped_corrupt: IntCounter,
@@ -237,6 +239,11 @@ impl GatewayMetrics {
                 "gateway_spool_appended_total",
                 "Records (readings and dead letters) written to the spool.",
             ),
+            appended_bytes: counter(
+                &r,
+                "gateway_spool_appended_bytes_total",
+                "Bytes of records written to the spool (what the disk must take, before the file system's own writes).",
+            ),
             fsync,
             dropped_full: spool_dropped.with_label_values(&["full"]),
             dropped_corrupt: spool_dropped.with_label_values(&["corrupt"]),
@@ -341,6 +348,11 @@ impl GatewayMetrics {
                 &r,
                 "gateway_mqtt_acks_total",
                 "PUBACKs sent: once the reading (or its DLQ record) is durable in the spool, or with the spool disabled, in Kafka.",
+            ),
+            ack_latency: seconds_histogram(
+                &r,
+                "gateway_mqtt_ack_latency_seconds",
+                "Time from receiving an MQTT message to handing its PUBACK to the client (what the broker waits for).",
             ),
             seq_gaps: counter(
                 &r,
@@ -461,8 +473,9 @@ impl GatewayMetrics {
         self.producer_recreated.inc();
     }
 
-    pub fn spool_appended(&self, n: usize) {
-        self.spool.appended.inc_by(n as u64);
+    pub fn spool_appended(&self, records: usize, bytes: usize) {
+        self.spool.appended.inc_by(records as u64);
+        self.spool.appended_bytes.inc_by(bytes as u64);
     }
 
     pub fn spool_fsync(&self, d: Duration) {
@@ -592,6 +605,12 @@ impl GatewayMetrics {
 
     pub fn acked(&self, n: usize) {
         self.mqtt_acks.inc_by(n as u64);
+    }
+
+    /// One PUBACK released `ms` after its message arrived (a clock step
+    /// backwards counts as 0).
+    pub fn ack_latency(&self, ms: i64) {
+        self.ack_latency.observe(ms.max(0) as f64 / 1000.0);
     }
 
     pub fn seq_gap(&self, device: &str, missing: u64) {

@@ -360,7 +360,7 @@ impl Pipeline {
             SourceEvent::Connected => self.acks.connected(),
             SourceEvent::Messages(batch) => {
                 for m in batch.iter() {
-                    let id = self.acks.admit(m.pkid);
+                    let id = self.acks.admit(m.pkid, m.received_ms);
                     let bytes = self.intake.take(&m, id, self.log.batch());
                     self.acks.sized(id, bytes);
                 }

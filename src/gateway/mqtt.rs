@@ -299,8 +299,34 @@ async fn event_loop(
     }
     // The last batch's size, for the next one.
     let mut size = (0, 0, 0);
+    // A batch waits for company until then (`mqtt.batch_linger_ms`).
+    let linger = Duration::from_millis(cfg.batch_linger_ms);
+    let mut due: Option<tokio::time::Instant> = None;
     'poll: loop {
-        let mut next = el.poll().await;
+        if batch.is_none() {
+            due = None;
+        }
+        let mut next = match due {
+            // A batch waiting for company: sleep, then take what arrived
+            // meanwhile without waiting (one wake-up per batch, not one per
+            // message). PUBACKs queued meanwhile go out then too.
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = stop.cancelled() => {}
+                }
+                match now_or_never(el.poll()) {
+                    Some(ev) => ev,
+                    None => {
+                        if !pass_on(&mut batch, &out, &stop).await {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
+            None => el.poll().await,
+        };
         // Messages since the last read of the socket.
         let mut read = 0;
         loop {
@@ -313,6 +339,7 @@ async fn event_loop(
                     // Copied: a payload is a slice of rumqttc's read buffer,
                     // and one slice alive keeps the whole buffer.
                     let b = batch.get_or_insert_with(|| {
+                        due = Some(tokio::time::Instant::now() + linger);
                         Received::reuse(&pool, crate::clock::now_ms(), size)
                     });
                     let max = cut.max_payload.load(std::sync::atomic::Ordering::Relaxed);
@@ -420,6 +447,14 @@ async fn event_loop(
                 Some(ev) => next = ev,
                 None => break,
             }
+        }
+        // Not full: it may wait for company (at low rates one wake-up of
+        // every stage then serves several messages).
+        let full = batch
+            .as_ref()
+            .is_some_and(|b| b.len() >= MAX_BATCH || b.bytes() >= MAX_BATCH_BYTES);
+        if !full && due.is_some_and(|at| at > tokio::time::Instant::now()) {
+            continue;
         }
         if !pass_on(&mut batch, &out, &stop).await {
             break;

@@ -595,7 +595,12 @@ fn writer_confirms_in_order_and_marks_what_is_synced_per_policy() {
     use crate::gateway::batch::Batch;
     use crate::gateway::pool::BufPool;
     use std::time::Duration;
-    for policy in [FsyncMode::Batch, FsyncMode::Interval, FsyncMode::Never] {
+    for (policy, wait_ms) in [
+        (FsyncMode::Batch, 0),
+        (FsyncMode::Batch, 3),
+        (FsyncMode::Interval, 0),
+        (FsyncMode::Never, 0),
+    ] {
         let d = TempDir::new("writer");
         let (s, mut r, _) = Spool::open(opts(&d.0, 4096, u64::MAX, OnFull::Block)).unwrap();
         let shared = s.progress().clone();
@@ -606,6 +611,7 @@ fn writer_confirms_in_order_and_marks_what_is_synced_per_policy() {
             SyncPolicy {
                 mode: policy,
                 interval: Duration::from_secs(3600),
+                wait: Duration::from_millis(wait_ms),
             },
             tx,
             crate::gateway::metrics::GatewayMetrics::new(),
@@ -668,6 +674,78 @@ fn writer_confirms_in_order_and_marks_what_is_synced_per_policy() {
         s.checkpoint(n).unwrap();
         assert_eq!(s.acked(), n, "{policy:?}: finish fsyncs what is left");
     }
+}
+
+/// `fsync = "batch"` with `fsync_wait_ms`: a small group waits for company
+/// (nothing confirmed while it waits), a group of `FSYNC_GROUP_BYTES` is
+/// fsynced and confirmed at once, in order; a reading without a record behind
+/// nothing unsynced is confirmed at once.
+#[test]
+fn batch_fsync_waits_for_company_but_not_past_a_full_group() {
+    use super::writer::{SyncPolicy, Writer, FSYNC_GROUP_BYTES};
+    use crate::config::FsyncMode;
+    use crate::gateway::acks::{AckEvent, IdPool};
+    use crate::gateway::batch::Batch;
+    use crate::gateway::pool::BufPool;
+    use std::time::{Duration, Instant};
+    let d = TempDir::new("fsync-wait");
+    let (s, _r, _) = Spool::open(opts(&d.0, 64 << 20, u64::MAX, OnFull::Block)).unwrap();
+    let shared = s.progress().clone();
+    let spool = std::sync::Arc::new(std::sync::Mutex::new(s));
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let w = Writer::start(
+        spool,
+        SyncPolicy {
+            mode: FsyncMode::Batch,
+            interval: Duration::from_secs(3600),
+            // Far longer than the test: only the group's size can end the wait.
+            wait: Duration::from_secs(600),
+        },
+        tx,
+        crate::gateway::metrics::GatewayMetrics::new(),
+        (BufPool::default(), IdPool::default()),
+    )
+    .unwrap();
+    let ready = |events: &mut tokio::sync::mpsc::UnboundedReceiver<AckEvent>, within: Duration| {
+        let t = Instant::now();
+        let mut got = Vec::new();
+        while t.elapsed() < within {
+            match events.try_recv() {
+                Ok(AckEvent::Ready(ids)) => got.extend(ids),
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        got
+    };
+    // Nothing unsynced: a reading without a record is confirmed at once.
+    let mut b = Batch::default();
+    b.acks.push(0);
+    w.tx.send(b).unwrap();
+    assert_eq!(ready(&mut events, Duration::from_millis(300)), vec![0]);
+    // One small record: it waits (and so does a reading behind it).
+    let mut b = Batch::default();
+    b.push(&reading(0), 0);
+    b.acks.extend([1, 2]);
+    w.tx.send(b).unwrap();
+    assert_eq!(
+        ready(&mut events, Duration::from_millis(300)),
+        Vec::<u64>::new()
+    );
+    assert_eq!(shared.synced.load(std::sync::atomic::Ordering::Acquire), 0);
+    // Enough company: fsynced and confirmed without the rest of the wait.
+    let mut b = Batch::default();
+    let mut n = 1;
+    while b.buf.len() < FSYNC_GROUP_BYTES {
+        b.push(&reading(n), 0);
+        b.acks.push(n + 2);
+        n += 1;
+    }
+    w.tx.send(b).unwrap();
+    let got = ready(&mut events, Duration::from_secs(5));
+    assert_eq!(got, (0..n + 2).skip(1).collect::<Vec<_>>(), "in order");
+    assert_eq!(shared.synced.load(std::sync::atomic::Ordering::Acquire), n);
+    w.finish();
 }
 
 /// A downgrade: a segment written by a newer release (a higher format

@@ -23,11 +23,13 @@ use crate::gateway::pool::BufPool;
 use crate::sync::lock;
 
 /// When appended records are fsynced (`spool.fsync`; with `Interval`, every
-/// `interval`).
+/// `interval`; with `Batch`, once the group's first record waited `wait` or
+/// the group holds [`FSYNC_GROUP_BYTES`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SyncPolicy {
     pub mode: FsyncMode,
     pub interval: Duration,
+    pub wait: Duration,
 }
 
 impl SyncPolicy {
@@ -35,9 +37,14 @@ impl SyncPolicy {
         SyncPolicy {
             mode: c.fsync,
             interval: Duration::from_millis(c.fsync_interval_ms),
+            wait: Duration::from_millis(c.fsync_wait_ms),
         }
     }
 }
+
+/// A group this large is fsynced without waiting for more (`spool.fsync_wait_ms`
+/// is for low rates: at high ones a group fills in less than the wait).
+pub const FSYNC_GROUP_BYTES: usize = 64 << 10;
 
 /// Handle to the writer and syncer threads.
 #[derive(Debug)]
@@ -56,6 +63,8 @@ const MAX_GROUP: usize = 8192;
 struct Written {
     /// Every offset below this is appended (None: nothing was appended).
     through: Option<u64>,
+    /// Bytes appended.
+    bytes: usize,
     /// The readings of the append (and any without a record), in order.
     acks: Vec<AckId>,
     /// The active segment, when it changed: what the syncer fsyncs from now
@@ -143,10 +152,12 @@ fn write_loop(
         }
         let mut written = Written {
             through: None,
+            bytes: group.len(),
             acks: Vec::new(),
             file: None,
         };
         if records > 0 {
+            let bytes = group.len();
             loop {
                 let appended = {
                     let mut s = lock(&spool);
@@ -198,7 +209,7 @@ fn write_loop(
                 metrics.spool_full(false);
                 let _ = events.send(AckEvent::SpoolFull(false));
             }
-            metrics.spool_appended(records);
+            metrics.spool_appended(records, bytes);
             group.clear();
             records = 0;
         }
@@ -211,8 +222,9 @@ fn write_loop(
 }
 
 /// fsyncs what the writer appended and confirms its readings in order: with
-/// `fsync = "batch"` after the fsync, otherwise at once (with `"interval"`
-/// fsyncing at most that long after; with `"never"`, only when stopping).
+/// `fsync = "batch"` after the fsync (which waits up to `policy.wait` for
+/// company), otherwise at once (with `"interval"` fsyncing at most that long
+/// after; with `"never"`, only when stopping).
 fn sync_loop(
     rx: Receiver<Written>,
     policy: SyncPolicy,
@@ -224,19 +236,25 @@ fn sync_loop(
     let mut file: Option<File> = None;
     // Appended through / fsynced through.
     let (mut written, mut synced) = (0u64, 0u64);
+    // The group not yet fsynced: since when, and its bytes.
+    let mut group: Option<(Instant, usize)> = None;
     let mut acks: Vec<AckId> = Vec::new();
     let mut last_sync = Instant::now();
-    let tick = match policy.mode {
-        FsyncMode::Interval => policy.interval,
-        _ => Duration::from_secs(3600),
-    };
+    let idle = Duration::from_secs(3600);
     let mut open = true;
-    let add = |w: Written, acks: &mut Vec<AckId>, file: &mut Option<File>, written: &mut u64| {
+    type Group = Option<(Instant, usize)>;
+    let add = |w: Written,
+               acks: &mut Vec<AckId>,
+               file: &mut Option<File>,
+               written: &mut u64,
+               group: &mut Group| {
         if let Some(f) = w.file {
             *file = Some(f);
         }
         if let Some(t) = w.through {
             *written = (*written).max(t);
+            let g = group.get_or_insert((Instant::now(), 0));
+            g.1 += w.bytes;
         }
         if acks.is_empty() {
             ids.give_ids(std::mem::replace(acks, w.acks));
@@ -246,19 +264,26 @@ fn sync_loop(
         }
     };
     while open {
-        match rx.recv_timeout(tick) {
-            Ok(w) => add(w, &mut acks, &mut file, &mut written),
+        let timeout = match (policy.mode, group) {
+            (FsyncMode::Batch, Some((since, _))) => policy.wait.saturating_sub(since.elapsed()),
+            (FsyncMode::Interval, _) => policy.interval,
+            _ => idle,
+        };
+        match rx.recv_timeout(timeout) {
+            Ok(w) => add(w, &mut acks, &mut file, &mut written, &mut group),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => open = false,
         }
         while let Ok(w) = rx.try_recv() {
-            add(w, &mut acks, &mut file, &mut written);
+            add(w, &mut acks, &mut file, &mut written, &mut group);
         }
         let dirty = written > synced;
         let sync_now = dirty
             && (!open
                 || match policy.mode {
-                    FsyncMode::Batch => true,
+                    FsyncMode::Batch => group.is_some_and(|(since, bytes)| {
+                        bytes >= FSYNC_GROUP_BYTES || since.elapsed() >= policy.wait
+                    }),
                     FsyncMode::Interval => last_sync.elapsed() >= policy.interval,
                     FsyncMode::Never => false,
                 });
@@ -275,9 +300,14 @@ fn sync_loop(
         }
         if sync_now || (dirty && policy.mode == FsyncMode::Never) {
             synced = written;
+            group = None;
             shared.mark_synced(synced);
         }
-        if !acks.is_empty()
+        // With "batch", readings behind records not yet fsynced wait for it
+        // (their order is kept); the others are confirmed on write.
+        let confirm = policy.mode != FsyncMode::Batch || synced >= written;
+        if confirm
+            && !acks.is_empty()
             && events
                 .send(AckEvent::Ready(std::mem::replace(
                     &mut acks,
