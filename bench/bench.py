@@ -67,6 +67,7 @@ def main():
     ap.add_argument("--soak", action="store_true", help="only the spool soak (Kafka down --soak-minutes)")
     ap.add_argument("--soak-minutes", type=float, default=30)
     ap.add_argument("--soak-rate", type=int, default=1000)
+    ap.add_argument("--steady-secs", type=float, default=None, help="measured seconds of each steady case")
     ap.add_argument("--only", help="comma-separated cases; results go to bench/out/only.json, not BENCHMARKS.md")
     a = ap.parse_args()
     if a.soak:
@@ -90,6 +91,7 @@ def main():
         many_devices=20_000 if q else 1_000_000,
         fp_per_device=2 if q else 3,
         fp_idle_s=1 if q else 5,
+        steady_s=a.steady_secs or (3 if q else 20),
     )
     plan = [
         ("simulator_qos0", lambda: case_simulator(sizes["sim"], 0)),
@@ -107,7 +109,16 @@ def main():
         ("aggregator", lambda: case_aggregator(sizes["agg"], sizes["agg_devices"])),
         ("many_devices", lambda: case_many_devices(sizes["many_devices"], 5_000 if q else None)),
         ("footprint", lambda: case_footprint(sizes["fp_devices"], sizes["fp_per_device"], sizes["fp_idle_s"])),
+        *[(f"steady_{k}_{r}", (lambda k=k, r=r: case_steady(k, r, sizes["steady_s"])))
+          # --quick checks the harness: one bridge, one rate.
+          for r in STEADY_RATES for k in STEADY_KINDS + BASELINE_KINDS if not q or (k, r) == ("gateway_spool", 1_000)],
+        ("steady_idle", lambda: case_idle(sizes["steady_s"])),
     ]
+    # --only steady: every steady case.
+    all_steady = bool(a.only) and "steady" in a.only.split(",")
+    if a.only:
+        a.only = ",".join(",".join(n for n, _ in plan if n.startswith("steady_")) if w == "steady" else w
+                          for w in a.only.split(","))
     if a.only:
         want = a.only.split(",")
         unknown = set(want) - {n for n, _ in plan}
@@ -149,6 +160,8 @@ def main():
         "cases": {name: {"runs": runs, **{k: summarize(runs, k) for k in
                                           ("rate", "cpu_us_per_reading", "peak_rss_mib", "p50_ms", "p99_ms", "p999_ms", "scrape_ms",
                                            "fsync_p50_ms", "fsync_p99_ms", "broker_cpu_pct",
+                                           "cpu_pct", "ack_p50_ms", "ack_p99_ms", "written_bytes_per_reading",
+                                           "spooled_bytes_per_reading", "fsyncs_per_s", "written_bytes_per_s",
                                            "gateway_peak_rss_mib", "aggregator_peak_rss_mib", "gateway_evicted", "aggregator_evicted", *FOOTPRINT_KEYS)
                                           if summarize(runs, k)}}
                   for name, runs in results.items()},
@@ -161,10 +174,21 @@ def main():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2))
         log(f"quick run: {len(results)} cases, {len(failures)} failures -> {path}")
+        if not q and all_steady and not failures:
+            # Every steady case ran: its section of BENCHMARKS.md, and the data for the next full report.
+            out["baseline"] = os.environ.get("BENCH_BASELINE_REV")
+            (ROOT / "bench" / "steady.json").write_text(json.dumps(out, indent=2) + "\n")
+            import report
+
+            report.write_steady(out, ROOT)
+            log("steady-load section written to BENCHMARKS.md (data: bench/steady.json)")
     else:
         soak_file = ROOT / "bench" / "soak.json"
         if soak_file.exists():
             out["soak"] = json.loads(soak_file.read_text())
+        steady_file = ROOT / "bench" / "steady.json"
+        if steady_file.exists():
+            out["steady"] = json.loads(steady_file.read_text())
         (ROOT / "bench" / "results.json").write_text(json.dumps(out, indent=2) + "\n")
         import report
 

@@ -268,7 +268,9 @@ def start_gateway(name, topic, dlq, prefix, mode, http_port, extra=None, spool_d
         "RUST_LOG": "warn",
         **(extra or {}),
     }
-    gw = Proc(name, [str(binary or REL / "gateway"), "run", "--config", "configs/gateway.toml"], env)
+    # A baseline gateway reads its own commit's sample config (a newer one may have keys it does not know).
+    config = os.environ.get("BENCH_BASELINE_CONFIG", "configs/gateway.toml") if binary else "configs/gateway.toml"
+    gw = Proc(name, [str(binary or REL / "gateway"), "run", "--config", config], env)
     url = f"http://127.0.0.1:{http_port}"
 
     def ready():

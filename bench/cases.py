@@ -539,3 +539,107 @@ def binary_sizes():
                 r["stale"] = head not in r["version"]
         res[arch] = r
     return res
+
+
+# ------------------------------------------------------------------ steady load
+
+STEADY_KINDS = ("gateway_spool", "gateway_nospool", "telegraf", "python")
+STEADY_RATES = (100, 1_000, 10_000)
+
+
+def proc_write_bytes(pid):
+    """Bytes this process caused to be written to the block device (/proc/<pid>/io)."""
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
+def case_steady(kind, rate, seconds, devices=1_000, warmup=5):
+    """A bridge at a steady rate (`rate` readings/s from `devices` devices over 4
+    connections, QoS 1), as an edge box runs: CPU of the bridge and of Mosquitto,
+    and the bridge's block-device writes, over `seconds` after `warmup`; for the
+    gateway also receive -> Kafka ack and receive -> PUBACK quantiles, and the
+    spooled bytes. Every reading is read back once afterwards."""
+    if kind == "telegraf" and os.environ.get("TELEGRAF_SKIP"):
+        raise Skipped(os.environ["TELEGRAF_SKIP"])
+    if kind == "telegraf" and not os.access(TELEGRAF, os.X_OK):
+        raise BenchError(f"Telegraf is not built at {TELEGRAF} (scripts/bench builds it with Go; is `go` installed?)")
+    topic, dlq, prefix = unique("steady"), unique("steady-dlq"), unique(f"steady-{kind}")
+    create_topic(topic)
+    create_topic(dlq, 1)
+    port = free_port()
+    spool_dir = ROOT / "bench" / "out" / "spool" / unique(kind)
+    per = max(1, round(rate / devices * (warmup + seconds + 2)))
+    total = per * devices
+    p = drain_bridge(kind, prefix, topic, dlq, port, spool_dir, total)
+    gw = kind.startswith("gateway")
+    url = f"http://127.0.0.1:{port}/metrics"
+    res = {}
+    try:
+        if not gw:
+            time.sleep(3)  # connect + subscribe
+        sim = Proc(f"sim-steady-{kind}-{rate}", simulator(prefix, devices, per_device=per, rate=rate / devices))
+        try:
+            time.sleep(warmup)
+            bpid = broker_pid()
+            pid = p.p.pid
+            b0 = proc_cpu_seconds(bpid) if bpid else None
+            c0, w0, t0 = proc_cpu_seconds(pid), proc_write_bytes(pid), time.time()
+            if gw:
+                lat0 = histogram(url, "gateway_delivery_latency_seconds")
+                ack0 = histogram(url, "gateway_mqtt_ack_latency_seconds")
+                n0 = metric(url, "gateway_readings_received_total") or 0
+                s0 = metric(url, "gateway_spool_appended_bytes_total") or 0
+                f0 = histogram(url, "gateway_spool_fsync_duration_seconds").get(float("inf"), 0)
+            time.sleep(seconds)
+            elapsed = time.time() - t0
+            cpu = proc_cpu_seconds(pid) - c0
+            written = proc_write_bytes(pid) - w0
+            broker = proc_cpu_seconds(bpid) - b0 if bpid else None
+            readings = rate * elapsed
+            if gw:
+                lat = quantiles(lat0, histogram(url, "gateway_delivery_latency_seconds"), [0.5, 0.99])
+                ack = quantiles(ack0, histogram(url, "gateway_mqtt_ack_latency_seconds"), [0.5, 0.99])
+                readings = (metric(url, "gateway_readings_received_total") or 0) - n0
+                spooled = (metric(url, "gateway_spool_appended_bytes_total") or 0) - s0
+                fsyncs = histogram(url, "gateway_spool_fsync_duration_seconds").get(float("inf"), 0) - f0
+                ms = lambda v: None if v is None else v * 1000
+                res.update(p50_ms=ms(lat[0.5]), p99_ms=ms(lat[0.99]), ack_p50_ms=ms(ack[0.5]),
+                           ack_p99_ms=ms(ack[0.99]), spooled_bytes_per_reading=spooled / readings if readings else None,
+                           fsyncs_per_s=fsyncs / elapsed)
+            wait_until(lambda: sim.p.poll() is not None, 120, "the simulator to finish")
+            if sim.p.returncode != 0:
+                raise BenchError(f"simulator failed: {sim.tail()}")
+        finally:
+            sim.stop()
+        wait_until(lambda: topic_count(topic) >= total, 120, f"{total} records in Kafka", p)
+    finally:
+        p.stop()
+    res.update(rate=rate, count=total, measured_readings=int(readings), cpu_pct=100 * cpu / elapsed,
+               cpu_us_per_reading=cpu / readings * 1e6 if readings else None,
+               broker_cpu_pct=broker and 100 * broker / elapsed,
+               written_bytes_per_reading=written / readings if readings else None)
+    res["verified"] = checked_and_deleted(topic, dlq, total, f"{kind} steady {rate}/s")
+    return res
+
+
+def case_idle(seconds):
+    """The gateway (spool on) subscribed and connected, with no traffic: what
+    its timers cost."""
+    topic, dlq, prefix = unique("idle"), unique("idle-dlq"), unique("idle")
+    create_topic(topic)
+    create_topic(dlq, 1)
+    gw, _ = start_gateway("gateway-idle", topic, dlq, prefix, "async", free_port())
+    try:
+        time.sleep(3)
+        c0, w0, t0 = proc_cpu_seconds(gw.p.pid), proc_write_bytes(gw.p.pid), time.time()
+        time.sleep(seconds)
+        elapsed = time.time() - t0
+        cpu = proc_cpu_seconds(gw.p.pid) - c0
+        written = proc_write_bytes(gw.p.pid) - w0
+    finally:
+        gw.stop()
+    delete_topics([topic, dlq])
+    return {"cpu_pct": 100 * cpu / elapsed, "written_bytes_per_s": written / elapsed}

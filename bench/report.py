@@ -156,6 +156,9 @@ def write(out, root: Path):
             f"({soak['drain_rate']:,.0f} readings/s while live traffic went on); {soak['sent']:,} readings sent, "
             f"{soak['verified']['distinct']:,} distinct in Kafka, {soak['verified']['records'] - soak['verified']['distinct']:,} duplicates.",
         ]
+    steady = out.get("steady")
+    if steady:
+        lines += [""] + steady_lines(steady)
     lines += [
         "",
         "## Aggregator",
@@ -417,3 +420,70 @@ def chart(out, path):
     fig.suptitle(f"iot-gateway benchmarks, {out['date']}, commit {out['commit']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+STEADY_BRIDGES = [
+    ("gateway, spool on (fsync = batch)", "gateway_spool"),
+    ("gateway, spool off", "gateway_nospool"),
+    ("gateway at the baseline commit, spool on", "gateway_spool_baseline"),
+    ("gateway at the baseline commit, spool off", "gateway_nospool_baseline"),
+    (f"Telegraf {TELEGRAF_VERSION}", "telegraf"),
+    ("Python (paho-mqtt + confluent-kafka)", "python"),
+]
+STEADY_BEGIN, STEADY_END = "<!-- steady: scripts/bench --only steady -->", "<!-- /steady -->"
+
+
+def steady_lines(data):
+    """The steady-load section (issue 28) from a run's steady_* cases."""
+    c = data["cases"]
+    rates = sorted({int(n.rsplit("_", 1)[1]) for n in c if n.startswith("steady_") and n != "steady_idle"})
+    reps = max((len(v["runs"]) for k, v in c.items() if k.startswith("steady_")), default=0)
+    lines = [
+        STEADY_BEGIN,
+        "## Steady load",
+        "",
+        f"`scripts/bench --only steady` on {data['date']} at commit `{data['commit']}`"
+        + (f" (baseline: `{data['baseline']}`)" if data.get("baseline") else "")
+        + f": 1,000 devices over 4 MQTT connections (QoS 1) at a steady total rate; each bridge alone, "
+        f"measured over {data['sizes']['steady_s']:g} s after a 5 s warm-up; medians of {reps} (min - max). "
+        "CPU is the bridge process's (all threads, from /proc), Mosquitto's in the same window beside it; "
+        "disk is the bridge's `write_bytes` (/proc/<pid>/io: what reached the block device, not the file "
+        "system's journal) per reading, with the spooled record bytes per reading in brackets. Latencies are the "
+        "gateway's own histograms (receive -> Kafka ack; receive -> PUBACK handed to the client; a batch counts "
+        "from its first message); the peers do not report them. Every reading was read back from Kafka once.",
+        "",
+        "| rate | bridge | CPU % of a core | us CPU / reading | Mosquitto CPU % | Kafka ack p50 / p99 ms | PUBACK p50 / p99 ms | disk bytes / reading (spooled) | fsyncs/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rates:
+        for label, kind in STEADY_BRIDGES:
+            case = c.get(f"steady_{kind}_{r}")
+            if not case:
+                continue
+            spooled = _m(case, "spooled_bytes_per_reading")
+            lines.append(
+                f"| {r:,}/s | {label} | {_range(case, 'cpu_pct', 1)} | {_range(case, 'cpu_us_per_reading')} | "
+                f"{_fmt(_m(case, 'broker_cpu_pct'), 1)} | {_fmt(_m(case, 'p50_ms'), 1)} / {_fmt(_m(case, 'p99_ms'), 1)} | "
+                f"{_fmt(_m(case, 'ack_p50_ms'), 1)} / {_fmt(_m(case, 'ack_p99_ms'), 1)} | "
+                f"{_fmt(_m(case, 'written_bytes_per_reading'))}" + (f" ({_fmt(spooled)})" if spooled else "")
+                + f" | {_fmt(_m(case, 'fsyncs_per_s'))} |"
+            )
+    idle = c.get("steady_idle")
+    if idle:
+        lines.append(f"| idle | gateway, spool on, connected, no traffic | {_range(idle, 'cpu_pct', 2)} | | | | | "
+                     f"{_fmt(_m(idle, 'written_bytes_per_s'))} bytes/s | |")
+    lines += ["", STEADY_END]
+    return lines
+
+
+def write_steady(data, root: Path):
+    """Puts the steady-load section into BENCHMARKS.md (replacing the last one)."""
+    path = root / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = "\n".join(steady_lines(data))
+    if STEADY_BEGIN in text and STEADY_END in text:
+        head, rest = text.split(STEADY_BEGIN, 1)
+        text = head + section + rest.split(STEADY_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
