@@ -3,6 +3,11 @@
 //! while Kafka is slow. Acknowledgements are sent by the pipeline through
 //! [`Acker`], only for readings Kafka has, in arrival order.
 //!
+//! Messages go to the pipeline in batches: what one read of the socket brought,
+//! and at low rates what arrives within `mqtt.batch_linger_ms` of a batch's
+//! first message (the task sleeps meanwhile), so every stage wakes once per
+//! batch rather than once per message.
+//!
 //! The channel to the pipeline is bounded, and the task waits when it is full:
 //! then nothing more is read from the socket and TCP stops the broker. The
 //! broker's own limit is not enough: Mosquitto 2.0.11 stops applying

@@ -2,7 +2,8 @@
 //! runtime and a slow fsync holds back only PUBACKs. The writer takes
 //! everything queued, appends it and lets the forwarder read it at once; the
 //! syncer fsyncs what was appended (one fdatasync for all that was appended
-//! meanwhile: group commit), then tells the pipeline which readings are
+//! meanwhile: group commit; with `spool.fsync_wait_ms` a small group first
+//! waits that long for company), then tells the pipeline which readings are
 //! durable (their PUBACKs may go out), in order.
 
 use std::fs::File;
