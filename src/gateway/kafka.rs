@@ -174,7 +174,7 @@ impl std::ops::Deref for GatewayProducer {
 }
 
 impl Drop for GatewayProducer {
-    /// The event thread ends within [`POLL_WAIT`], without being waited for
+    /// The event thread ends within one poll wait (1 s), without being waited for
     /// (a replaced producer is dropped on the async runtime).
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);

@@ -131,7 +131,7 @@ mod tests {
         let mut b = a.clone();
         b.validation.temperature_max = 50.0;
         b.log.level = "debug".into();
-        b.kafka.linger_ms = 10;
+        b.kafka.linger_ms = 20;
         let keys = changed_keys(&a, &b);
         assert_eq!(
             keys,
