@@ -56,3 +56,12 @@ fn regression_reading_non_ascii_outside_a_json_string() {
         fuzzing::reading(&data);
     }
 }
+
+/// Found by the `config` target (an out-of-memory abort): a top-level key with
+/// an array index, which the config crate would have sized an array by.
+/// Also kept in the corpus as `fuzz/corpus/config/regression-key-with-array-index`.
+#[test]
+fn regression_config_key_with_a_huge_array_index() {
+    fuzzing::config(b"\n'3[-3331133113]' =1");
+    fuzzing::config(b"[ 'mqtt[99999999999]' ]\nurl = 1\n");
+}

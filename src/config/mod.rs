@@ -53,7 +53,9 @@ pub fn load<T: DeserializeOwned>(
         if !p.exists() {
             return Err(err("file not found".into()));
         }
-        builder = builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
+        let file = config::File::from(p).format(config::FileFormat::Toml);
+        plain_keys(&file, prefix, "").map_err(err)?;
+        builder = builder.add_source(file);
     }
     let mut env = config::Environment::with_prefix(prefix)
         .prefix_separator("__")
@@ -65,6 +67,12 @@ pub fn load<T: DeserializeOwned>(
             env = env.with_list_parse_key(k);
         }
     }
+    plain_keys(
+        &env,
+        prefix,
+        &format!(" (from a {prefix}__* environment variable)"),
+    )
+    .map_err(err)?;
     let cfg = builder
         .add_source(env)
         .build()
@@ -81,11 +89,29 @@ pub fn from_toml<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, Con
         origin: origin.to_string(),
         message,
     };
+    let file = config::File::from_str(text, config::FileFormat::Toml);
+    plain_keys(&file, "GATEWAY", "").map_err(err)?;
     config::Config::builder()
-        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .add_source(file)
         .build()
         .and_then(|c| c.try_deserialize::<T>())
         .map_err(|e| err(describe_config_error(&e, "GATEWAY")))
+}
+
+/// The config crate reads each top-level key of a source as a path, where
+/// `a[N]` is an array index: a key such as `'x[-3331133113]'` (found by the
+/// fuzzer) made it allocate hundreds of GiB and abort. No key of ours has a
+/// bracket, so such a key is refused before the crate sees it.
+fn plain_keys(source: &dyn config::Source, prefix: &str, from: &str) -> Result<(), String> {
+    let keys = source
+        .collect()
+        .map_err(|e| describe_config_error(&e, prefix))?;
+    match keys.keys().find(|k| k.contains(['[', ']'])) {
+        Some(k) => Err(format!(
+            "{k:?}{from} is not a configuration key (no key has '[' or ']')"
+        )),
+        None => Ok(()),
+    }
 }
 
 fn describe_config_error(e: &config::ConfigError, prefix: &str) -> String {

@@ -220,3 +220,26 @@ fn user_info_in_the_mqtt_url_is_refused_and_never_shown() {
     assert!(e.contains("mqtt.url") && !e.contains("hunter2"), "{e}");
     assert!(!c.to_masked_toml().contains("hunter2"));
 }
+
+/// Found by the config fuzz target: a top-level key with a bracket is an array
+/// index to the config crate, and `[-3331133113]` made it allocate hundreds of
+/// GiB and abort. Refused, naming the key and where it came from.
+#[test]
+fn regression_a_key_with_an_array_index_is_refused_not_allocated() {
+    let f = file("\n'3[-3331133113]' =1");
+    let e = GatewayConfig::load(Some(&f.0)).unwrap_err().to_string();
+    assert!(
+        e.contains("3[-3331133113]") && e.contains(&f.0.display().to_string()),
+        "{e}"
+    );
+    // The same through the environment (a variable name can hold a bracket).
+    std::env::set_var("BRACKETTEST__MQTT[9999999999]", "1");
+    let e = load::<GatewayConfig>(None, "BRACKETTEST", &[])
+        .unwrap_err()
+        .to_string();
+    std::env::remove_var("BRACKETTEST__MQTT[9999999999]");
+    assert!(
+        e.contains("mqtt[9999999999]") && e.contains("BRACKETTEST__"),
+        "{e}"
+    );
+}
