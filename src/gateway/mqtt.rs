@@ -307,10 +307,6 @@ async fn event_loop(
     // A batch waits for company until then (`mqtt.batch_linger_ms`).
     let linger = Duration::from_millis(cfg.batch_linger_ms);
     let mut due: Option<tokio::time::Instant> = None;
-    // The last batch went on full: messages are arriving faster than
-    // batches fill, so the next one does not wait for company (at
-    // saturation a wait only stalls the broker, which waits for PUBACKs).
-    let mut busy = false;
     'poll: loop {
         if batch.is_none() {
             due = None;
@@ -348,8 +344,7 @@ async fn event_loop(
                     // Copied: a payload is a slice of rumqttc's read buffer,
                     // and one slice alive keeps the whole buffer.
                     let b = batch.get_or_insert_with(|| {
-                        let wait = if busy { Duration::ZERO } else { linger };
-                        due = Some(tokio::time::Instant::now() + wait);
+                        due = Some(tokio::time::Instant::now() + linger);
                         Received::reuse(&pool, crate::clock::now_ms(), size)
                     });
                     let max = cut.max_payload.load(std::sync::atomic::Ordering::Relaxed);
@@ -362,7 +357,6 @@ async fn event_loop(
                     size = b.size();
                     read += 1;
                     let full = b.len() >= MAX_BATCH || b.bytes() >= MAX_BATCH_BYTES;
-                    busy |= full;
                     if full && !pass_on(&mut batch, &out, &stop).await {
                         break 'poll; // pipeline gone
                     }
@@ -466,9 +460,6 @@ async fn event_loop(
             .is_some_and(|b| b.len() >= MAX_BATCH || b.bytes() >= MAX_BATCH_BYTES);
         if !full && due.is_some_and(|at| at > tokio::time::Instant::now()) {
             continue;
-        }
-        if batch.is_some() {
-            busy = full;
         }
         if !pass_on(&mut batch, &out, &stop).await {
             break;
