@@ -25,22 +25,9 @@ pub fn check_config(name: &str, loaded: Result<String, String>) -> ExitCode {
     }
 }
 
-/// The async runtime a service runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Runtime {
-    /// Every task on the calling thread (blocking work has its own threads):
-    /// hand-offs between tasks are not thread wake-ups. The gateway's choice:
-    /// at a steady 1,000 readings/s it cost ~17 % less CPU than `PerCore`,
-    /// and drained at least as fast (BENCHMARKS.md, "Steady load").
-    OneThread,
-    /// A worker thread per core.
-    PerCore,
-}
-
 /// Runs `service(cfg, shutdown)` until it returns; SIGINT/SIGTERM cancel `shutdown`.
 pub fn run_service<C, F, Fut, E>(
     name: &str,
-    runtime: Runtime,
     cfg: Result<C, String>,
     log: impl Fn(&C) -> LogConfig,
     service: F,
@@ -59,12 +46,7 @@ where
     };
     let l = log(&cfg);
     crate::telemetry::init_tracing(l.format, &l.level);
-    let rt = match match runtime {
-        Runtime::OneThread => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        Runtime::PerCore => tokio::runtime::Runtime::new(),
-    } {
+    let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{name}: cannot start the async runtime: {e}");

@@ -27,7 +27,7 @@ pub fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 /// For the binaries: a panic outside [`catch`] (any thread or task) ends the
 /// process at once with exit code 101, so systemd or compose restart it; a
 /// thread that died quietly would leave a process that is up and does
-/// nothing (a dead spool writer: no more PUBACKs; a dead forwarder: nothing to
+/// nothing (a dead syncer: no more PUBACKs; a dead forwarder: nothing to
 /// Kafka). A panic inside [`catch`] is logged by its caller instead.
 pub fn exit_on_panic(service: &str) {
     let service = service.to_string();

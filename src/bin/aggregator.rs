@@ -33,7 +33,6 @@ fn main() -> ExitCode {
     let log = args.log;
     iot_gateway::cli::run_service(
         "aggregator",
-        iot_gateway::cli::Runtime::PerCore,
         load(&args.config),
         |c| log.apply(&c.log),
         iot_gateway::aggregator::run,

@@ -48,7 +48,6 @@ fn main() -> ExitCode {
     let log = args.log;
     iot_gateway::cli::run_service(
         "gateway",
-        iot_gateway::cli::Runtime::OneThread,
         cfg,
         |c| log.apply(&c.log),
         move |c, stop| iot_gateway::gateway::run_with_reload(c, stop, Some(loader)),

@@ -93,7 +93,7 @@ impl Default for SpoolConfig {
             segment_bytes: 64 << 20,
             fsync: FsyncMode::Batch,
             fsync_interval_ms: 1000,
-            fsync_wait_ms: 0,
+            fsync_wait_ms: 10,
             on_full: crate::gateway::spool::OnFull::Block,
         }
     }
@@ -209,7 +209,7 @@ impl Default for MqttConfig {
             max_packet_bytes: 4 * 1024 * 1024,
             reconnect_min_ms: 200,
             reconnect_max_ms: 10_000,
-            batch_linger_ms: 20,
+            batch_linger_ms: 5,
         }
     }
 }
@@ -308,7 +308,7 @@ impl Default for KafkaConfig {
             delivery_mode: DeliveryMode::Async,
             max_in_flight: 5_000,
             compression: "lz4".into(),
-            linger_ms: 5,
+            linger_ms: 10,
             message_timeout_ms: 0,
             security_protocol: "plaintext".into(),
             tls: KafkaTlsConfig::default(),

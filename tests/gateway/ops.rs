@@ -269,7 +269,7 @@ async fn sighup_applies_limits_and_log_level_and_names_what_needs_a_restart() {
     let edited = shipped
         .replace("temperature_max = 85.0", "temperature_max = 50.0")
         .replace("level = \"info\"", "level = \"debug\"")
-        .replace("\nlinger_ms = 5\n", "\nlinger_ms = 20\n");
+        .replace("linger_ms = 10\n", "linger_ms = 20\n");
     assert_ne!(edited, shipped);
     std::fs::write(&cfg, &edited).expect("config");
     let hup = |gw: &common::Child| {

@@ -94,7 +94,7 @@ pub struct Appended {
 }
 
 /// How far the writer got (written, fsynced) and where the reader is: shared
-/// by the writer and the reader.
+/// by the writer, the syncer and the reader.
 #[derive(Debug)]
 pub struct Progress {
     /// Every offset below this is written (to the page cache; the fsync may
@@ -400,8 +400,8 @@ impl Spool {
         Ok(out)
     }
 
-    /// fsyncs what was appended, as the writer thread does through its own
-    /// handle ([`Spool::active_file`]).
+    /// fsyncs what was appended, as the writer's syncer thread does through
+    /// its own handle ([`Spool::active_file`]).
     #[cfg(test)]
     pub fn sync(&mut self) -> io::Result<()> {
         self.active.sync_data()?;

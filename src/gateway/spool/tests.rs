@@ -582,7 +582,7 @@ fn recovery_returns_recent_readings_for_duplicate_detection() {
     assert_eq!(rec.recent[2], (b"dev-2".to_vec(), 2, 1_700_000_000_002));
 }
 
-/// The writer thread, per fsync policy: readings are confirmed in
+/// The writer and syncer threads, per fsync policy: readings are confirmed in
 /// arrival order (with `batch` only once fsynced: the checkpoint may then
 /// cover them), and `finish` fsyncs what is left, so the checkpoint reaches
 /// the end.

@@ -1,11 +1,10 @@
-//! The spool writer: one OS thread, so blocking file I/O stays off the async
-//! runtime. It takes everything queued, appends it and lets the forwarder
-//! read it at once, then fsyncs (one fdatasync for all that was appended
-//! since the last: group commit; what queues during an fsync shares the next
-//! one; with `spool.fsync_wait_ms` a small group first waits that long for
-//! company) and tells the pipeline which readings are durable (their PUBACKs
-//! may go out), in order. One thread, not a writer and a syncer: at a steady
-//! rate each batch then costs one wake-up here, not three.
+//! The spool writer: two OS threads, so blocking file I/O stays off the async
+//! runtime and a slow fsync holds back only PUBACKs. The writer takes
+//! everything queued, appends it and lets the forwarder read it at once; the
+//! syncer fsyncs what was appended (one fdatasync for all that was appended
+//! meanwhile: group commit; with `spool.fsync_wait_ms` a small group first
+//! waits that long for company), then tells the pipeline which readings are
+//! durable (their PUBACKs may go out), in order.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,18 +47,31 @@ impl SyncPolicy {
 /// is for low rates: at high ones a group fills in less than the wait).
 pub const FSYNC_GROUP_BYTES: usize = 64 << 10;
 
-/// Handle to the writer thread.
+/// Handle to the writer and syncer threads.
 #[derive(Debug)]
 pub struct Writer {
     /// The pipeline's batches: their records are written, their acks
     /// (readings with a record or without) confirmed in order once durable.
     pub tx: Sender<Batch>,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// Most records written per append.
 const MAX_GROUP: usize = 8192;
+
+/// What the writer hands the syncer after each append, in order.
+struct Written {
+    /// Every offset below this is appended (None: nothing was appended).
+    through: Option<u64>,
+    /// Bytes appended.
+    bytes: usize,
+    /// The readings of the append (and any without a record), in order.
+    acks: Vec<AckId>,
+    /// The active segment, when it changed: what the syncer fsyncs from now
+    /// on (the segment before it was fsynced when it was sealed).
+    file: Option<File>,
+}
 
 impl Writer {
     pub fn start(
@@ -70,36 +82,21 @@ impl Writer {
         pools: (BufPool, IdPool),
     ) -> std::io::Result<Writer> {
         let (tx, rx) = std::sync::mpsc::channel();
+        let (sync_tx, sync_rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let shared = lock(&spool).progress().clone();
+        let (ev, m, ids) = (events.clone(), metrics.clone(), pools.1.clone());
+        let syncer = std::thread::Builder::new()
+            .name("spool-sync".into())
+            .spawn(move || sync_loop(sync_rx, policy, &shared, &ev, &m, &ids))?;
         let s = stop.clone();
-        let thread = std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || {
-                let mut w = WriteLoop {
-                    spool,
-                    shared,
-                    policy,
-                    events,
-                    metrics,
-                    stop: s,
-                    pool: pools.0,
-                    ids: pools.1,
-                    file: None,
-                    file_segment: None,
-                    written: 0,
-                    synced: 0,
-                    pending: None,
-                    acks: Vec::new(),
-                    last_sync: Instant::now(),
-                    full: false,
-                };
-                w.run(rx)
-            })?;
+            .spawn(move || write_loop(spool, rx, sync_tx, events, metrics, s, pools))?;
         Ok(Writer {
             tx,
             stop,
-            thread: Some(thread),
+            threads: vec![writer, syncer],
         })
     }
 
@@ -110,7 +107,8 @@ impl Writer {
         self.stop.store(true, Ordering::Release);
         let (tx, _) = std::sync::mpsc::channel();
         drop(std::mem::replace(&mut self.tx, tx));
-        if let Some(t) = self.thread.take() {
+        // The writer first: when it ends, the syncer has all there is.
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -128,188 +126,197 @@ fn take(b: Batch, group: &mut Vec<u8>, records: &mut usize, acks: &mut Vec<AckId
     acks.extend(b.acks);
 }
 
-/// The writer thread's state.
-struct WriteLoop {
+fn write_loop(
     spool: Arc<Mutex<Spool>>,
-    shared: Arc<Progress>,
-    policy: SyncPolicy,
+    rx: Receiver<Batch>,
+    syncer: Sender<Written>,
     events: UnboundedSender<AckEvent>,
     metrics: GatewayMetrics,
     stop: Arc<AtomicBool>,
-    pool: BufPool,
-    ids: IdPool,
-    /// A handle of the active segment, for fsync (the segment before it was
-    /// fsynced when it was sealed), and which segment it is.
-    file: Option<File>,
-    file_segment: Option<u64>,
-    /// Appended through / fsynced through.
-    written: u64,
-    synced: u64,
-    /// The appended group not yet fsynced: since when, and its bytes.
-    pending: Option<(Instant, usize)>,
-    /// Readings not yet confirmed, in order.
-    acks: Vec<AckId>,
-    last_sync: Instant,
-    /// The spool is full (appends wait).
-    full: bool,
-}
-
-/// Why the writer stopped early (already reported to the pipeline, or the
-/// pipeline is gone).
-struct Stopped;
-
-impl WriteLoop {
-    fn run(&mut self, rx: Receiver<Batch>) {
-        let mut group: Vec<u8> = Vec::new();
-        let mut records = 0usize;
-        let mut open = true;
-        while open {
-            let wait = match (self.policy.mode, self.pending) {
-                (FsyncMode::Batch, Some((since, _))) => {
-                    Some(self.policy.wait.saturating_sub(since.elapsed()))
-                }
-                (FsyncMode::Interval, Some(_)) => Some(
-                    self.policy
-                        .interval
-                        .saturating_sub(self.last_sync.elapsed()),
-                ),
-                _ => None,
-            };
-            let first = match wait {
-                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                Some(w) => rx.recv_timeout(w),
-            };
-            let mut acks = std::mem::take(&mut self.acks);
-            match first {
-                Ok(b) => take(b, &mut group, &mut records, &mut acks, &self.pool),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => open = false,
+    (pool, ids): (BufPool, IdPool),
+) {
+    // The group: records encoded back to back (numbered by the spool when
+    // appended) and every reading's ack.
+    let mut group: Vec<u8> = Vec::new();
+    let mut records = 0usize;
+    let mut acks: Vec<AckId> = Vec::new();
+    let mut full = false;
+    // The segment the syncer has a handle of.
+    let mut synced_segment: Option<u64> = None;
+    while let Ok(first) = rx.recv() {
+        take(first, &mut group, &mut records, &mut acks, &pool);
+        while records < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(more) => take(more, &mut group, &mut records, &mut acks, &pool),
+                Err(_) => break,
             }
-            while records < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(more) => take(more, &mut group, &mut records, &mut acks, &self.pool),
-                    Err(_) => break,
+        }
+        let mut written = Written {
+            through: None,
+            bytes: group.len(),
+            acks: Vec::new(),
+            file: None,
+        };
+        if records > 0 {
+            let bytes = group.len();
+            loop {
+                let appended = {
+                    let mut s = lock(&spool);
+                    let a = s.append_encoded(&mut group, records);
+                    if a.as_ref().is_ok_and(|a| !a.full) {
+                        // Forwarded before the fsync: the checkpoint still
+                        // waits for it (Spool::checkpoint), and so do the acks.
+                        s.publish();
+                        written.through = Some(s.next_offset());
+                        if synced_segment != Some(s.active_base()) {
+                            match s.active_file() {
+                                Ok(f) => written.file = Some(f),
+                                Err(e) => {
+                                    let _ = events.send(AckEvent::Fatal(format!(
+                                        "spool: a handle of the active segment for fsync: {e}"
+                                    )));
+                                    return;
+                                }
+                            }
+                            synced_segment = Some(s.active_base());
+                        }
+                    }
+                    a
+                };
+                match appended {
+                    Ok(a) => {
+                        metrics.spool_dropped_full(a.dropped_records, a.dropped_bytes);
+                        if !a.full {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = events.send(AckEvent::Fatal(format!("spool write failed: {e}")));
+                        return;
+                    }
                 }
-            }
-            self.acks = acks;
-            if records > 0 {
-                if self.append(&mut group, records).is_err() {
+                if !full {
+                    full = true;
+                    metrics.spool_full(true);
+                    let _ = events.send(AckEvent::SpoolFull(true));
+                }
+                if stop.load(Ordering::Acquire) {
                     return;
                 }
-                records = 0;
+                std::thread::sleep(Duration::from_millis(100));
             }
-            if self.settle(!open).is_err() {
-                return;
+            if full {
+                full = false;
+                metrics.spool_full(false);
+                let _ = events.send(AckEvent::SpoolFull(false));
             }
+            metrics.spool_appended(records, bytes);
+            group.clear();
+            records = 0;
+        }
+        written.acks = std::mem::replace(&mut acks, ids.take().unwrap_or_default());
+        if syncer.send(written).is_err() {
+            // The syncer failed (and said so): nothing more is confirmed.
+            return;
         }
     }
+}
 
-    /// Appends the group (waiting while the spool is full) and lets the
-    /// forwarder read it.
-    fn append(&mut self, group: &mut Vec<u8>, records: usize) -> Result<(), Stopped> {
-        let bytes = group.len();
-        loop {
-            let appended = {
-                let mut s = lock(&self.spool);
-                let a = s.append_encoded(group, records);
-                if a.as_ref().is_ok_and(|a| !a.full) {
-                    // Forwarded before the fsync: the checkpoint still
-                    // waits for it (Spool::checkpoint), and so do the acks.
-                    s.publish();
-                    self.written = self.written.max(s.next_offset());
-                    if self.file_segment != Some(s.active_base()) {
-                        match s.active_file() {
-                            Ok(f) => self.file = Some(f),
-                            Err(e) => {
-                                return self.fatal(format!(
-                                    "spool: a handle of the active segment for fsync: {e}"
-                                ))
-                            }
-                        }
-                        self.file_segment = Some(s.active_base());
-                    }
-                }
-                a
-            };
-            match appended {
-                Ok(a) => {
-                    self.metrics
-                        .spool_dropped_full(a.dropped_records, a.dropped_bytes);
-                    if !a.full {
-                        break;
-                    }
-                }
-                Err(e) => return self.fatal(format!("spool write failed: {e}")),
-            }
-            if !self.full {
-                self.full = true;
-                self.metrics.spool_full(true);
-                let _ = self.events.send(AckEvent::SpoolFull(true));
-            }
-            // What was appended before waits for no one: fsynced and
-            // confirmed now (the checkpoint that frees space needs the fsync).
-            self.settle(true)?;
-            if self.stop.load(Ordering::Acquire) {
-                return Err(Stopped);
-            }
-            std::thread::sleep(Duration::from_millis(100));
+/// fsyncs what the writer appended and confirms its readings in order: with
+/// `fsync = "batch"` after the fsync (which waits up to `policy.wait` for
+/// company), otherwise at once (with `"interval"` fsyncing at most that long
+/// after; with `"never"`, only when stopping).
+fn sync_loop(
+    rx: Receiver<Written>,
+    policy: SyncPolicy,
+    shared: &Progress,
+    events: &UnboundedSender<AckEvent>,
+    metrics: &GatewayMetrics,
+    ids: &IdPool,
+) {
+    let mut file: Option<File> = None;
+    // Appended through / fsynced through.
+    let (mut written, mut synced) = (0u64, 0u64);
+    // The group not yet fsynced: since when, and its bytes.
+    let mut group: Option<(Instant, usize)> = None;
+    let mut acks: Vec<AckId> = Vec::new();
+    let mut last_sync = Instant::now();
+    let idle = Duration::from_secs(3600);
+    let mut open = true;
+    type Group = Option<(Instant, usize)>;
+    let add = |w: Written,
+               acks: &mut Vec<AckId>,
+               file: &mut Option<File>,
+               written: &mut u64,
+               group: &mut Group| {
+        if let Some(f) = w.file {
+            *file = Some(f);
         }
-        if self.full {
-            self.full = false;
-            self.metrics.spool_full(false);
-            let _ = self.events.send(AckEvent::SpoolFull(false));
+        if let Some(t) = w.through {
+            *written = (*written).max(t);
+            let g = group.get_or_insert((Instant::now(), 0));
+            g.1 += w.bytes;
         }
-        self.metrics.spool_appended(records, bytes);
-        let g = self.pending.get_or_insert((Instant::now(), 0));
-        g.1 += bytes;
-        group.clear();
-        Ok(())
-    }
-
-    /// fsyncs when the policy says so (`now`: at once, e.g. when stopping),
-    /// then confirms the readings it may: with `fsync = "batch"` only those
-    /// behind fsynced records (in order), otherwise all (with `"interval"`
-    /// fsyncing at most that long after; with `"never"`, only when stopping).
-    fn settle(&mut self, now: bool) -> Result<(), Stopped> {
-        let dirty = self.written > self.synced;
+        if acks.is_empty() {
+            ids.give_ids(std::mem::replace(acks, w.acks));
+        } else {
+            acks.extend_from_slice(&w.acks);
+            ids.give_ids(w.acks);
+        }
+    };
+    while open {
+        let timeout = match (policy.mode, group) {
+            (FsyncMode::Batch, Some((since, _))) => policy.wait.saturating_sub(since.elapsed()),
+            (FsyncMode::Interval, _) => policy.interval,
+            _ => idle,
+        };
+        match rx.recv_timeout(timeout) {
+            Ok(w) => add(w, &mut acks, &mut file, &mut written, &mut group),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => open = false,
+        }
+        while let Ok(w) = rx.try_recv() {
+            add(w, &mut acks, &mut file, &mut written, &mut group);
+        }
+        let dirty = written > synced;
         let sync_now = dirty
-            && (now
-                || match self.policy.mode {
-                    FsyncMode::Batch => self.pending.is_some_and(|(since, bytes)| {
-                        bytes >= FSYNC_GROUP_BYTES || since.elapsed() >= self.policy.wait
+            && (!open
+                || match policy.mode {
+                    FsyncMode::Batch => group.is_some_and(|(since, bytes)| {
+                        bytes >= FSYNC_GROUP_BYTES || since.elapsed() >= policy.wait
                     }),
-                    FsyncMode::Interval => self.last_sync.elapsed() >= self.policy.interval,
+                    FsyncMode::Interval => last_sync.elapsed() >= policy.interval,
                     FsyncMode::Never => false,
                 });
         if sync_now {
-            if let Some(f) = &self.file {
+            if let Some(f) = &file {
                 let t = Instant::now();
                 if let Err(e) = f.sync_data() {
-                    return self.fatal(format!("spool fsync failed: {e}"));
+                    let _ = events.send(AckEvent::Fatal(format!("spool fsync failed: {e}")));
+                    return;
                 }
-                self.metrics.spool_fsync(t.elapsed());
+                metrics.spool_fsync(t.elapsed());
             }
-            self.last_sync = Instant::now();
+            last_sync = Instant::now();
         }
-        if sync_now || (dirty && self.policy.mode == FsyncMode::Never) {
-            self.synced = self.written;
-            self.pending = None;
-            self.shared.mark_synced(self.synced);
+        if sync_now || (dirty && policy.mode == FsyncMode::Never) {
+            synced = written;
+            group = None;
+            shared.mark_synced(synced);
         }
-        let confirm = self.policy.mode != FsyncMode::Batch || self.synced >= self.written;
-        if confirm && !self.acks.is_empty() {
-            let next = self.ids.take().unwrap_or_default();
-            let acks = std::mem::replace(&mut self.acks, next);
-            if self.events.send(AckEvent::Ready(acks)).is_err() {
-                // The pipeline is gone: nothing more is confirmed.
-                return Err(Stopped);
-            }
+        // With "batch", readings behind records not yet fsynced wait for it
+        // (their order is kept); the others are confirmed on write.
+        let confirm = policy.mode != FsyncMode::Batch || synced >= written;
+        if confirm
+            && !acks.is_empty()
+            && events
+                .send(AckEvent::Ready(std::mem::replace(
+                    &mut acks,
+                    ids.take().unwrap_or_default(),
+                )))
+                .is_err()
+        {
+            return;
         }
-        Ok(())
-    }
-
-    fn fatal(&self, message: String) -> Result<(), Stopped> {
-        let _ = self.events.send(AckEvent::Fatal(message));
-        Err(Stopped)
     }
 }
